@@ -1,0 +1,1 @@
+"""Runners start a trainer for a prepared workspace: `process` (subprocess, local mode) and `docker`."""
