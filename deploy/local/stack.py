@@ -265,8 +265,11 @@ class Stack:
     def pid(self, name: str) -> int | None:
         """PID of `name` if it is running (a stale pid file counts as not running)."""
         proc = self._procs.get(name)
-        if proc is not None and proc.poll() is not None:
-            return None  # our child, exited (and now reaped)
+        if proc is not None:
+            # Our own child: poll() knows for sure (and reaps it, so it leaves no zombie).
+            if proc.poll() is None and self.pid_path(name).exists():
+                return proc.pid
+            return None
         try:
             pid = int(self.pid_path(name).read_text().strip())
         except (FileNotFoundError, ValueError):
