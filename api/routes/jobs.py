@@ -1,0 +1,126 @@
+"""/v1/jobs: submit, follow, cancel and download."""
+
+import base64
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile, status
+from fastapi.responses import RedirectResponse, StreamingResponse
+from sqlalchemy import select
+
+from api.db import Job, OutboxMessage
+from api.deps import SessionDep, SettingsDep, StoreDep
+from api.schemas import JobCreated, JobList, JobOut, Progress
+from api.submissions import Upload, submit_job
+from jobs.events import ControlCommand, EventType, JobEvent, JobState, utcnow
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+def job_out(job: Job, request: Request) -> JobOut:
+    artifact = str(request.url_for("job_artifact", job_id=job.id)) if job.model_version is not None else None
+    return JobOut(
+        id=job.id, state=job.state, task=job.task, model_name=job.model_name, spec=job.spec,
+        base_version=job.base_version, progress=Progress(epoch=job.epoch, epochs=job.epochs, step=job.step),
+        metrics=job.metrics or {}, error=job.error, model_version=job.model_version, worker=job.worker,
+        attempts=job.attempts, created_at=job.created_at, updated_at=job.updated_at,
+        started_at=job.started_at, finished_at=job.finished_at, artifact_url=artifact,
+    )
+
+
+def _upload(file: UploadFile | None) -> Upload | None:
+    if file is None:
+        return None
+    file.file.seek(0, 2)
+    size = file.file.tell()
+    file.file.seek(0)
+    return Upload(filename=file.filename or "upload", file=file.file, size=size)
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobCreated)
+def create_job(
+    request: Request,
+    session: SessionDep,
+    store: StoreDep,
+    settings: SettingsDep,
+    spec: Annotated[str, Form(description='JSON job spec, e.g. {"task": "audio_classification", "model_name": "keywords"}')],
+    dataset: Annotated[UploadFile, File(description="CSV manifest: audio,label[,split]")],
+    audio: Annotated[UploadFile | None, File(description="zip or tar(.gz) of the audio files the CSV names")] = None,
+    model: Annotated[UploadFile | None, File(description="optional base model (file or archive)")] = None,
+) -> JobCreated:
+    job = submit_job(spec, _upload(dataset), _upload(audio), _upload(model), store, session, settings)
+    request.app.state.outbox.wake.set()
+    status_url = str(request.url_for("get_job", job_id=job.id))
+    return JobCreated(id=job.id, state=job.state, status_url=status_url)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    request: Request,
+    session: SessionDep,
+    state: JobState | None = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: str | None = None,
+) -> JobList:
+    query = select(Job).order_by(Job.seq.desc()).limit(limit + 1)
+    if state is not None:
+        query = query.where(Job.state == state)
+    if cursor:
+        try:
+            query = query.where(Job.seq < int(base64.urlsafe_b64decode(cursor.encode()).decode()))
+        except ValueError:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail={"field": "cursor", "error": "not a cursor this API gave out"}) from None
+    jobs = session.scalars(query).all()
+    next_cursor = base64.urlsafe_b64encode(str(jobs[limit - 1].seq).encode()).decode() if len(jobs) > limit else None
+    return JobList(items=[job_out(j, request) for j in jobs[:limit]], next_cursor=next_cursor)
+
+
+def _get(session, job_id: str) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id))
+    if job is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail={"field": "job_id", "error": f"no job {job_id!r}"})
+    return job
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: str, request: Request, session: SessionDep) -> JobOut:
+    return job_out(_get(session, job_id), request)
+
+
+@router.get("/{job_id}/artifact")
+def job_artifact(job_id: str, session: SessionDep, store: StoreDep, redirect: bool = False):
+    """The trained model as SageMaker's model.tar.gz, streamed, or a presigned URL with ?redirect=true."""
+    job = _get(session, job_id)
+    if job.state != JobState.succeeded or job.model_version is None:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail={"field": "job_id", "error": f"job is {job.state}, it has no model yet"})
+    return artifact_response(store, job.model_name, job.model_version, redirect)
+
+
+def artifact_response(store, name: str, version: int, redirect: bool):
+    key = store.artifact_key(name, version)
+    if redirect:
+        return RedirectResponse(store.presigned_url(key), status_code=status.HTTP_307_TEMPORARY_REDIRECT)
+    return StreamingResponse(
+        store.stream(key), media_type="application/gzip",
+        headers={
+            "Content-Disposition": f'attachment; filename="{name}-v{version}.tar.gz"',
+            "Content-Length": str(store.size(key)),
+        },
+    )
+
+
+@router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
+def cancel_job(job_id: str, request: Request, session: SessionDep, store: StoreDep, settings: SettingsDep) -> JobOut:
+    job = _get(session, job_id)
+    if JobState(job.state).finished:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail={"field": "job_id", "error": f"job already {job.state}"})
+    command = ControlCommand(command="cancel", job_id=job_id)
+    session.add(OutboxMessage(topic=settings.topic_control, key=job_id, value=command.model_dump_json()))
+    if job.state == JobState.queued:
+        # No worker has it yet: the recorded outcome makes any worker that takes it skip it.
+        store.record_job_outcome(job_id, {"state": JobState.cancelled, "reason": "cancelled before it started"})
+        event = JobEvent(job_id=job_id, type=EventType.cancelled, data={"reason": "cancelled before it started"})
+        session.add(OutboxMessage(topic=settings.topic_events, key=job_id, value=event.model_dump_json()))
+        job.state, job.error, job.finished_at, job.updated_at = JobState.cancelled, "cancelled before it started", utcnow(), utcnow()
+    session.commit()
+    request.app.state.outbox.wake.set()
+    return job_out(job, request)

@@ -1,0 +1,55 @@
+"""What the API answers: response models, separate from the storage models in db.py."""
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class JobCreated(BaseModel):
+    id: str
+    state: str
+    status_url: str
+
+
+class Progress(BaseModel):
+    epoch: int | None = None
+    epochs: int | None = None
+    step: int | None = None
+
+
+class JobOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    state: str
+    task: str
+    model_name: str
+    spec: dict[str, Any]
+    base_version: int | None
+    progress: Progress
+    metrics: dict[str, Any]
+    error: str | None
+    model_version: int | None
+    worker: str | None
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    artifact_url: str | None = None
+
+
+class JobList(BaseModel):
+    items: list[JobOut]
+    next_cursor: str | None
+
+
+class ModelOut(BaseModel):
+    name: str
+    versions: int
+    aliases: dict[str, int]
+
+
+class AliasIn(BaseModel):
+    version: int

@@ -1,0 +1,106 @@
+"""Accepting a job: check everything, store the uploads, then write the job and its Kafka message
+in one database transaction (the outbox). A refused job leaves nothing in the store or on Kafka."""
+
+import re
+import uuid
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from api.db import Job, OutboxMessage
+from api.validation import Archive, InputError, check_audio_files, check_model_upload, read_manifest
+from jobs.events import EventType, JobEvent, JobState, utcnow
+from jobs.settings import Settings
+from jobs.spec import JobInputs, JobMessage, JobSpec
+from models_store import ModelStore
+
+
+@dataclass
+class Upload:
+    """One uploaded file, already spooled to disk by the multipart parser."""
+
+    filename: str
+    file: BinaryIO
+    size: int
+
+
+def parse_spec(text: str) -> JobSpec:
+    try:
+        return JobSpec.model_validate_json(text)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "(root)"
+        raise InputError(f"spec.{where}" if where != "(root)" else "spec", first["msg"]) from None
+
+
+def submit_job(
+    spec_text: str, dataset: Upload, audio: Upload | None, model: Upload | None,
+    store: ModelStore, session: Session, settings: Settings,
+) -> Job:
+    spec = parse_spec(spec_text)
+    for upload, field in ((dataset, "dataset"), (audio, "audio"), (model, "model")):
+        if upload is not None and upload.size > settings.max_upload_bytes:
+            raise InputError(field, f"is {upload.size} bytes; the limit is {settings.max_upload_bytes}", file=upload.filename, status=413)
+
+    base_version = None
+    if spec.base is not None:
+        base_version = store.resolve(spec.base.model, spec.base.version)
+        if base_version is None:
+            raise InputError("spec.base", f"model {spec.base.model!r} has no version {spec.base.version!r}")
+
+    manifest = read_manifest(dataset.file.read(), spec.task, dataset.filename)
+    archive = Archive(audio.file, "audio", audio.filename) if audio else None
+    try:
+        check_audio_files(manifest, archive)
+        audio_kind = archive.kind if archive else None
+    finally:
+        if archive:
+            archive.close()
+    model_kind = check_model_upload(model.file, model.filename) if model else None
+
+    # Everything checked: store the uploads, then commit the job and its messages together.
+    job_id = str(uuid.uuid4())
+    prefix = store.job_prefix(job_id) + "inputs/"
+    inputs = JobInputs(dataset=prefix + "dataset.csv")
+    try:
+        _put(store, inputs.dataset, dataset, "text/csv")
+        if audio:
+            inputs.audio = prefix + ("audio.zip" if audio_kind == "zip" else "audio.tar")
+            _put(store, inputs.audio, audio)
+        if model:
+            # Archives are extracted into the model channel; a single file keeps its name there.
+            name = {"zip": "model.zip", "tar": "model.tar"}.get(model_kind) or "model/" + _safe_name(model.filename)
+            inputs.model = prefix + name
+            _put(store, inputs.model, model)
+        if base_version is not None:
+            inputs.base_model = store.artifact_key(spec.base.model, base_version)
+
+        now = utcnow()
+        message = JobMessage(job_id=job_id, spec=spec, inputs=inputs, base_version=base_version, submitted_at=now)
+        job = Job(
+            id=job_id, state=JobState.queued, task=spec.task, model_name=spec.model_name,
+            spec=spec.model_dump(mode="json"), inputs=inputs.model_dump(mode="json"),
+            base_version=base_version, created_at=now, updated_at=now, metrics={},
+        )
+        accepted = JobEvent(job_id=job_id, type=EventType.accepted, time=now, data={"model_name": spec.model_name})
+        session.add(job)
+        session.add(OutboxMessage(topic=settings.topic_jobs, key=job_id, value=message.model_dump_json()))
+        session.add(OutboxMessage(topic=settings.topic_events, key=job_id, value=accepted.model_dump_json()))
+        session.commit()
+    except BaseException:
+        session.rollback()
+        store.delete_prefix(store.job_prefix(job_id))
+        raise
+    return job
+
+
+def _safe_name(filename: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", filename.replace("\\", "/").rsplit("/", 1)[-1]).lstrip(".")
+    return name or "model"
+
+
+def _put(store: ModelStore, key: str, upload: Upload, content_type: str = "application/octet-stream") -> None:
+    upload.file.seek(0)
+    store.put_stream(key, upload.file, upload.size, content_type)

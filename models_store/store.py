@@ -1,0 +1,271 @@
+"""One bucket, laid out so a person can browse it:
+
+    jobs/<job id>/inputs/dataset.csv | audio.<zip|tar.gz> | model.<ext>   what the client uploaded
+    jobs/<job id>/outcome.json                                           written once the job finished
+    jobs/<job id>/train.log                                              the trainer's output
+    models/<name>/versions/<N>/claim.json                                who took version N (first writer wins)
+    models/<name>/versions/<N>/model.tar.gz                              the artifact (SageMaker's layout)
+    models/<name>/versions/<N>/metrics.json, *.png, model_card.md        for people and dashboards
+    models/<name>/versions/<N>/version.json                              lineage; written last = version complete
+    models/<name>/aliases/<alias>.json                                   {"version": N}: latest, production, ...
+"""
+
+import io
+import json
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from minio import Minio
+from minio.deleteobjects import DeleteObject
+from minio.error import S3Error
+from pydantic import BaseModel
+
+from jobs.settings import Settings
+
+PART_SIZE = 16 * 1024 * 1024  # multipart chunk: bounds memory for uploads of unknown length
+
+
+class VersionInfo(BaseModel):
+    """version.json: what a model version is and where it came from."""
+
+    model_name: str
+    version: int
+    job_id: str
+    created_at: datetime
+    task: str
+    dataset: str  # store key of the training CSV
+    base_model: str | None = None
+    base_version: int | None = None
+    image: str | None = None  # trainer image (docker runner) or built-in trainer name
+    metrics: dict[str, Any] = {}
+    files: list[str] = []
+
+
+def make_store(settings: Settings) -> "ModelStore":
+    client = Minio(
+        settings.s3_endpoint,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        secure=settings.s3_secure,
+    )
+    return ModelStore(client, settings.s3_bucket)
+
+
+class ModelStore:
+    def __init__(self, client: Minio, bucket: str):
+        self.client = client
+        self.bucket = bucket
+
+    # ---- plumbing -------------------------------------------------------------------------
+
+    def ensure_bucket(self) -> None:
+        if not self.client.bucket_exists(self.bucket):
+            try:
+                self.client.make_bucket(self.bucket)
+            except S3Error as err:  # another process made it first
+                if err.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                    raise
+
+    def ping(self) -> None:
+        self.client.bucket_exists(self.bucket)
+
+    def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
+        self.client.fput_object(self.bucket, key, str(path), content_type=content_type, part_size=PART_SIZE)
+
+    def put_stream(self, key: str, stream: BinaryIO, length: int = -1, content_type: str = "application/octet-stream") -> None:
+        self.client.put_object(self.bucket, key, stream, length, content_type=content_type, part_size=PART_SIZE)
+
+    def put_json(self, key: str, value: Any) -> None:
+        data = json.dumps(value, indent=2, default=str).encode()
+        self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type="application/json")
+
+    def get_json(self, key: str) -> Any | None:
+        try:
+            response = self.client.get_object(self.bucket, key)
+        except S3Error as err:
+            if err.code == "NoSuchKey":
+                return None
+            raise
+        try:
+            return json.loads(response.read())
+        finally:
+            response.close()
+            response.release_conn()
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.client.stat_object(self.bucket, key)
+            return True
+        except S3Error as err:
+            if err.code in ("NoSuchKey", "NoSuchObject"):
+                return False
+            raise
+
+    def size(self, key: str) -> int:
+        return self.client.stat_object(self.bucket, key).size
+
+    def download(self, key: str, path: Path) -> None:
+        self.client.fget_object(self.bucket, key, str(path))
+
+    def stream(self, key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
+        response = self.client.get_object(self.bucket, key)
+        try:
+            yield from response.stream(chunk_size)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def presigned_url(self, key: str, expires: timedelta = timedelta(hours=1)) -> str:
+        return self.client.presigned_get_object(self.bucket, key, expires=expires)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        return [o.object_name for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=True)]
+
+    def delete_prefix(self, prefix: str) -> None:
+        deletes = [DeleteObject(k) for k in self.list_keys(prefix)]
+        for error in self.client.remove_objects(self.bucket, deletes):
+            raise RuntimeError(f"could not delete {error.name}: {error.message}")
+
+    def put_if_absent(self, key: str, value: Any) -> bool:
+        """Write a small JSON object only if nothing is there yet (S3 conditional write,
+        If-None-Match: *). True when this call created it. This is how two workers finishing jobs
+        for the same model at once never take the same version number."""
+        data = json.dumps(value, default=str).encode()
+        try:
+            # The SDK's put_object does not pass conditional headers; its request method does.
+            self.client._execute(
+                "PUT", self.bucket, key, body=data,
+                headers={"If-None-Match": "*", "Content-Type": "application/json", "Content-Length": str(len(data))},
+            )
+            return True
+        except S3Error as err:
+            if err.code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise
+
+    # ---- jobs -----------------------------------------------------------------------------
+
+    @staticmethod
+    def job_prefix(job_id: str) -> str:
+        return f"jobs/{job_id}/"
+
+    def job_outcome(self, job_id: str) -> dict | None:
+        return self.get_json(f"jobs/{job_id}/outcome.json")
+
+    def record_job_outcome(self, job_id: str, outcome: dict) -> None:
+        self.put_json(f"jobs/{job_id}/outcome.json", outcome)
+
+    # ---- models ---------------------------------------------------------------------------
+
+    @staticmethod
+    def version_prefix(name: str, version: int) -> str:
+        return f"models/{name}/versions/{version}/"
+
+    def artifact_key(self, name: str, version: int) -> str:
+        return self.version_prefix(name, version) + "model.tar.gz"
+
+    def list_models(self) -> list[str]:
+        objects = self.client.list_objects(self.bucket, prefix="models/", recursive=False)
+        return sorted(o.object_name.removeprefix("models/").rstrip("/") for o in objects if o.is_dir)
+
+    def _version_numbers(self, name: str) -> list[int]:
+        prefix = f"models/{name}/versions/"
+        numbers = []
+        for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=False):
+            tail = o.object_name.removeprefix(prefix).rstrip("/")
+            if o.is_dir and tail.isdigit():
+                numbers.append(int(tail))
+        return sorted(numbers)
+
+    def get_version(self, name: str, version: int) -> VersionInfo | None:
+        raw = self.get_json(self.version_prefix(name, version) + "version.json")
+        return VersionInfo.model_validate(raw) if raw else None
+
+    def list_versions(self, name: str) -> list[VersionInfo]:
+        """Complete versions only (version.json written), oldest first."""
+        found = (self.get_version(name, n) for n in self._version_numbers(name))
+        return [v for v in found if v is not None]
+
+    def aliases(self, name: str) -> dict[str, int]:
+        prefix = f"models/{name}/aliases/"
+        result = {}
+        for key in self.list_keys(prefix):
+            value = self.get_json(key)
+            if value:
+                result[key.removeprefix(prefix).removesuffix(".json")] = int(value["version"])
+        return result
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        if self.get_version(name, version) is None:
+            raise KeyError(f"model {name!r} has no version {version}")
+        self.put_json(f"models/{name}/aliases/{alias}.json", {"version": version, "updated_at": datetime.now(UTC)})
+
+    def resolve(self, name: str, version: int | str) -> int | None:
+        """A version number or an alias ('latest', 'production', ...) -> a complete version, or None."""
+        if isinstance(version, int) or str(version).isdigit():
+            number = int(version)
+        else:
+            number = self.aliases(name).get(str(version))
+            if number is None:
+                return None
+        return number if self.get_version(name, number) else None
+
+    def publish_version(self, name: str, job_id: str, model_dir: Path, output_dir: Path, lineage: dict) -> VersionInfo:
+        """Store a trained model as the next version of `name` and move `latest` to it.
+
+        Idempotent per job: a job whose outcome was not recorded (worker killed after this call)
+        finds the version it already claimed and reuses it, so a rerun never makes a second one.
+        """
+        version = self._claim_version(name, job_id)
+        prefix = self.version_prefix(name, version)
+        files = []
+        with tempfile.TemporaryDirectory() as tmp:
+            artifact = Path(tmp) / "model.tar.gz"
+            with tarfile.open(artifact, "w:gz") as tar:
+                for path in sorted(model_dir.rglob("*")):
+                    tar.add(path, arcname=str(path.relative_to(model_dir)), recursive=False)
+            self.put_file(prefix + "model.tar.gz", artifact, "application/gzip")
+            files.append("model.tar.gz")
+        # The browsable side files: metrics, plots and the model card, wherever the trainer put them.
+        for folder in (output_dir, model_dir):
+            for path in sorted(folder.glob("*")):
+                if path.is_file() and path.suffix in (".json", ".png", ".md", ".csv", ".pdf") and path.name not in files:
+                    if path.name in ("config.json", "labels.json") and folder == model_dir:
+                        continue
+                    self.put_file(prefix + path.name, path, _content_type(path))
+                    files.append(path.name)
+        metrics = {}
+        if (output_dir / "metrics.json").is_file():
+            metrics = json.loads((output_dir / "metrics.json").read_text())
+        info = VersionInfo(
+            model_name=name, version=version, job_id=job_id, created_at=datetime.now(UTC),
+            metrics=metrics, files=files, **lineage,
+        )
+        self.put_json(prefix + "version.json", info.model_dump(mode="json"))  # the commit point
+        self.put_json(f"models/{name}/aliases/latest.json", {"version": version, "updated_at": info.created_at})
+        return info
+
+    def _claim_version(self, name: str, job_id: str) -> int:
+        numbers = self._version_numbers(name)
+        for number in numbers:
+            claim = self.get_json(self.version_prefix(name, number) + "claim.json")
+            if claim and claim.get("job_id") == job_id:
+                return number
+        candidate = (numbers[-1] if numbers else 0) + 1
+        while not self.put_if_absent(self.version_prefix(name, candidate) + "claim.json", {"job_id": job_id}):
+            candidate += 1
+        return candidate
+
+
+def _content_type(path: Path) -> str:
+    return {
+        ".json": "application/json",
+        ".png": "image/png",
+        ".md": "text/markdown",
+        ".csv": "text/csv",
+        ".pdf": "application/pdf",
+    }.get(path.suffix, "application/octet-stream")

@@ -1,0 +1,164 @@
+"""The worker: a Kafka consumer that runs training jobs, read top to bottom.
+
+At-least-once: a job's offset is committed only after its outcome is recorded in the store and
+announced on Kafka. Training takes hours, so while jobs run the worker keeps polling with its
+partitions paused (the group keeps it as a member); a job id that already has an outcome is
+never run again, only re-announced.
+"""
+
+import logging
+import os
+import signal
+import socket
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from pydantic import ValidationError
+
+from jobs.events import ControlCommand
+from jobs.kafka import ensure_topics, make_consumer, make_producer, send
+from jobs.settings import Settings
+from jobs.spec import JobMessage
+from models_store import ModelStore
+from worker.events import EventPublisher
+from worker.execution import JobExecution, announce
+from worker.offsets import OffsetTracker
+from worker.runners.base import Runner
+
+log = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, settings: Settings, store: ModelStore, runner: Runner, capacity: int = 1):
+        self.settings, self.store, self.runner, self.capacity = settings, store, runner, capacity
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.producer = make_producer(settings)
+        self.events = EventPublisher(self.producer, settings.topic_events)
+        self.pool = ThreadPoolExecutor(max_workers=capacity, thread_name_prefix="job")
+        self.running: dict[Future, tuple[Message, JobExecution]] = {}
+        self.offsets = OffsetTracker()
+        self.stopping = threading.Event()
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def run(self) -> None:
+        ensure_topics(self.settings)
+        self.store.ensure_bucket()
+        self.settings.workdir.mkdir(parents=True, exist_ok=True)
+        jobs = make_consumer(self.settings, self.settings.worker_group, **{"max.poll.interval.ms": 600_000})
+        jobs.subscribe([self.settings.topic_jobs], on_assign=self._on_assign)
+        # Every worker sees every control command: a group of its own, from now on.
+        control = make_consumer(self.settings, f"retrain-control-{self.worker_id}", **{"auto.offset.reset": "latest", "enable.auto.commit": True})
+        control.subscribe([self.settings.topic_control])
+        self.consumer = jobs
+        log.info("worker %s: taking jobs from %s (capacity %d)", self.worker_id, self.settings.topic_jobs, self.capacity)
+        try:
+            while not self.stopping.is_set():
+                message = jobs.poll(0.5)  # with partitions paused this only keeps us in the group
+                if message is not None:
+                    self.take(message)
+                command = control.poll(0)
+                if command is not None and not command.error():
+                    self.on_control(command)
+                self.finish_done_jobs()
+        finally:
+            self.shutdown(jobs, control)
+
+    def take(self, message: Message) -> None:
+        if message.error():
+            if message.error().code() != KafkaError._PARTITION_EOF:
+                log.warning("kafka: %s", message.error())
+            return
+        if len(self.running) >= self.capacity:
+            # Fetched before the pause took effect: put it back for later (or for another worker).
+            self.consumer.seek(TopicPartition(message.topic(), message.partition(), message.offset()))
+            self._pause_all()
+            return
+        try:
+            job = JobMessage.model_validate_json(message.value())
+        except ValidationError as err:
+            self.dead_letter(message, f"not a valid job message: {err.errors()[0]['msg']}")
+            return
+        outcome = self.store.job_outcome(job.job_id)
+        if outcome is not None:
+            # Finished (or cancelled while queued) before: say so again, never train twice.
+            log.info("job %s already %s; not running it again", job.job_id, outcome["state"])
+            announce(self.events, job.job_id, outcome)
+            self.offsets.done_without_running(message)
+            self._commit()
+            return
+        execution = JobExecution(job, self.settings, self.store, self.runner, self.events, self.worker_id)
+        log.info("job %s: starting (%s, model %s)", job.job_id, job.spec.task, job.spec.model_name)
+        self.offsets.started(message)
+        self.running[self.pool.submit(execution.run)] = (message, execution)
+        if len(self.running) >= self.capacity:
+            self._pause_all()
+
+    def finish_done_jobs(self) -> None:
+        for future in [f for f in self.running if f.done()]:
+            message, execution = self.running.pop(future)
+            outcome = future.result()
+            log.info("job %s: %s", execution.job_id, outcome["state"])
+            self.offsets.finished(message)
+            self._commit()
+            self._resume_all()
+
+    def on_control(self, message: Message) -> None:
+        try:
+            command = ControlCommand.model_validate_json(message.value())
+        except ValidationError:
+            return
+        if command.command == "cancel":
+            for _, execution in self.running.values():
+                if execution.job_id == command.job_id:
+                    log.info("job %s: cancelling", command.job_id)
+                    execution.cancel.set()
+
+    def dead_letter(self, message: Message, reason: str) -> None:
+        log.error("dead-lettering offset %s: %s", message.offset(), reason)
+        value = {"reason": reason, "topic": message.topic(), "partition": message.partition(), "offset": message.offset(),
+                 "value": (message.value() or b"").decode("utf-8", "replace")}
+        self.producer.produce(self.settings.topic_dlq, key=message.key(), value=__import__("json").dumps(value).encode())
+        self.producer.flush(30)
+        self.offsets.done_without_running(message)
+        self._commit()
+
+    # ---- partitions and offsets -----------------------------------------------------------
+
+    def _commit(self) -> None:
+        positions = self.offsets.committable()
+        if positions:
+            try:
+                self.consumer.commit(offsets=positions, asynchronous=False)
+            except Exception as err:  # partition moved to another worker meanwhile: it reruns or skips
+                log.warning("commit failed: %s", err)
+
+    def _pause_all(self) -> None:
+        self.consumer.pause(self.consumer.assignment())
+
+    def _resume_all(self) -> None:
+        if len(self.running) < self.capacity:
+            self.consumer.resume(self.consumer.assignment())
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # A rebalance forgets pauses: a full worker must not start fetching again.
+        if len(self.running) >= self.capacity:
+            consumer.pause(partitions)
+
+    def stop(self, *_args) -> None:
+        self.stopping.set()
+        for _, execution in self.running.values():
+            execution.cancel.set()
+
+    def shutdown(self, jobs: Consumer, control: Consumer) -> None:
+        self.pool.shutdown(wait=True)
+        self.finish_done_jobs()
+        jobs.close()
+        control.close()
+        self.producer.flush(10)
+
+
+def install_signal_handlers(worker: Worker) -> None:
+    signal.signal(signal.SIGTERM, worker.stop)
+    signal.signal(signal.SIGINT, worker.stop)
