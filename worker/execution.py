@@ -29,13 +29,20 @@ class JobExecution:
     worker_id: str
     gpus: tuple[str, ...] = ()
     cancel: threading.Event = field(default_factory=threading.Event)
+    abandoned: bool = False
+
+    def abandon(self) -> None:
+        """Stop without recording an outcome (worker shutdown): the job stays queued on Kafka."""
+        self.abandoned = True
+        self.cancel.set()
 
     @property
     def job_id(self) -> str:
         return self.message.job_id
 
-    def run(self) -> dict:
-        """Returns the outcome it recorded. Never raises: every failure is an outcome."""
+    def run(self) -> dict | None:
+        """Returns the outcome it recorded, or None when abandoned. Never raises: every failure
+        is an outcome."""
         job_id, spec = self.job_id, self.message.spec
         workspace = Workspace(self.settings.workdir / job_id)
         log_path = self.settings.workdir / f"{job_id}.log"
@@ -49,6 +56,8 @@ class JobExecution:
             )
             with log_path.open("a") as train_log:
                 result = self.runner.run(request, on_line=lambda line: self._relay(line, train_log), cancel=self.cancel)
+            if self.abandoned:
+                return None  # workspace and checkpoints stay for the rerun
             self.store.put_file(f"jobs/{job_id}/train.log", log_path, "text/plain")
             if result.outcome == Outcome.succeeded:
                 info = self.store.publish_version(

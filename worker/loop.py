@@ -6,6 +6,7 @@ partitions paused (the group keeps it as a member); a job id that already has an
 never run again, only re-announced.
 """
 
+import json
 import logging
 import os
 import signal
@@ -99,6 +100,8 @@ class Worker:
         for future in [f for f in self.running if f.done()]:
             message, execution = self.running.pop(future)
             outcome = future.result()
+            if outcome is None:  # abandoned at shutdown: left uncommitted for the next worker
+                continue
             log.info("job %s: %s", execution.job_id, outcome["state"])
             self.offsets.finished(message)
             self._commit()
@@ -119,7 +122,7 @@ class Worker:
         log.error("dead-lettering offset %s: %s", message.offset(), reason)
         value = {"reason": reason, "topic": message.topic(), "partition": message.partition(), "offset": message.offset(),
                  "value": (message.value() or b"").decode("utf-8", "replace")}
-        self.producer.produce(self.settings.topic_dlq, key=message.key(), value=__import__("json").dumps(value).encode())
+        self.producer.produce(self.settings.topic_dlq, key=message.key(), value=json.dumps(value).encode())
         self.producer.flush(30)
         self.offsets.done_without_running(message)
         self._commit()
@@ -147,9 +150,11 @@ class Worker:
             consumer.pause(partitions)
 
     def stop(self, *_args) -> None:
+        """Graceful shutdown: running jobs are stopped but not recorded, so their offsets stay
+        uncommitted and another worker (or this one, restarted) runs them again from checkpoints."""
         self.stopping.set()
         for _, execution in self.running.values():
-            execution.cancel.set()
+            execution.abandon()
 
     def shutdown(self, jobs: Consumer, control: Consumer) -> None:
         self.pool.shutdown(wait=True)

@@ -136,6 +136,8 @@ class Stack:
         minio_bin: str | os.PathLike | None = None,
         python: str | os.PathLike | None = None,
         trainer_python: str | os.PathLike | None = None,
+        database_url: str | None = None,
+        workdir: str | os.PathLike | None = None,
         kafka_heap: str = "512m",
         extra_env: dict[str, str] | None = None,
         ready_timeout: float = 60.0,
@@ -155,7 +157,10 @@ class Stack:
         self.minio_bin = Path(minio_bin or CACHE / "bin" / "minio")
         venv_python = REPO_ROOT / ".venv" / "bin" / "python"
         self.python = str(python or (venv_python if venv_python.exists() else sys.executable))
-        self.trainer_python = str(trainer_python or REPO_ROOT / ".venv-trainer" / "bin" / "python")
+        # Absolute, because workers may run the trainer from another working directory.
+        self.trainer_python = str((REPO_ROOT / (trainer_python or ".venv-trainer/bin/python")).absolute())
+        self._database_url = database_url
+        self._workdir = Path(workdir).resolve() if workdir else None
         self.kafka_heap = kafka_heap
         self.extra_env = dict(extra_env or {})
         self.ready_timeout = ready_timeout
@@ -171,7 +176,9 @@ class Stack:
 
         Reads RETRAIN_RUN_DIR, RETRAIN_API_HOST/RETRAIN_API_PORT, RETRAIN_KAFKA_BOOTSTRAP
         (first host:port), RETRAIN_KAFKA_CONTROLLER_PORT, RETRAIN_S3_ENDPOINT,
-        RETRAIN_MINIO_CONSOLE_PORT, RETRAIN_S3_ACCESS_KEY/SECRET_KEY/BUCKET.
+        RETRAIN_MINIO_CONSOLE_PORT, RETRAIN_S3_ACCESS_KEY/SECRET_KEY/BUCKET,
+        RETRAIN_DATABASE_URL, RETRAIN_TRAINER_PYTHON, RETRAIN_WORKDIR (relative paths are
+        taken from the repo root, where the services run).
         """
         e = os.environ
         kw: dict = {}
@@ -189,9 +196,13 @@ class Stack:
             kw["minio_console_port"] = int(e["RETRAIN_MINIO_CONSOLE_PORT"])
         for key, arg in (("RETRAIN_S3_ACCESS_KEY", "s3_access_key"),
                          ("RETRAIN_S3_SECRET_KEY", "s3_secret_key"),
-                         ("RETRAIN_S3_BUCKET", "s3_bucket")):
+                         ("RETRAIN_S3_BUCKET", "s3_bucket"),
+                         ("RETRAIN_DATABASE_URL", "database_url"),
+                         ("RETRAIN_TRAINER_PYTHON", "trainer_python")):
             if e.get(key):
                 kw[arg] = e[key]
+        if e.get("RETRAIN_WORKDIR"):
+            kw["workdir"] = REPO_ROOT / e["RETRAIN_WORKDIR"]
         kw.update(overrides)
         return cls(run_dir or e.get("RETRAIN_RUN_DIR") or None, **kw)
 
@@ -214,13 +225,13 @@ class Stack:
 
     @property
     def database_url(self) -> str:
-        return f"sqlite:///{self.run_dir / 'retrain.db'}"
+        return self._database_url or f"sqlite:///{self.run_dir / 'retrain.db'}"
 
     @property
     def workdir(self) -> Path:
         # One workdir shared by all workers on this host: a worker that replaces a killed
         # one finds the job's checkpoints where the first one left them.
-        return self.run_dir / "work"
+        return self._workdir or self.run_dir / "work"
 
     @property
     def urls(self) -> dict[str, str]:
