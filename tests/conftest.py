@@ -1,0 +1,94 @@
+"""Shared fixtures: the real local stack (Kafka + MinIO, plus API and worker processes for the
+end-to-end tests) started through deploy/local, and spoken-word data sets made with espeak-ng."""
+
+import io
+import tarfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from demo.spoken_words import DEFAULT_WORDS, HELDOUT_VOICES, TRAIN_VOICES, make_dataset, zip_clips
+from deploy.local.stack import Stack, free_port
+from jobs.settings import Settings
+
+# Few words and voices so a CPU trains in well under a minute; held-out voices stay unseen.
+WORDS = DEFAULT_WORDS[:4]
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """Kafka and MinIO for the whole session, on free ports in a temporary run dir."""
+    run_dir = tmp_path_factory.mktemp("stack")
+    s = Stack(
+        run_dir,
+        api_port=free_port(), kafka_port=free_port(), kafka_controller_port=free_port(),
+        minio_port=free_port(), minio_console_port=free_port(),
+        # A dead worker's job moves to another one within seconds, not the default 45 s.
+        extra_env={"RETRAIN_KAFKA_SESSION_TIMEOUT_MS": "6000"},
+    )
+    s.up(["kafka", "minio"])
+    yield s
+    s.down()
+
+
+@pytest.fixture(scope="session")
+def settings(stack) -> Settings:
+    values = {k.removeprefix("RETRAIN_").lower(): v for k, v in stack.env().items()}
+    return Settings(_env_file=None, **values)
+
+
+@pytest.fixture(scope="session")
+def service(stack):
+    """The API and one worker as real processes, as `make up` runs them."""
+    stack.up(["api", "worker"])
+    yield stack
+    stack.down(["worker", "api"])
+
+
+@pytest.fixture(scope="session")
+def api(service):
+    with httpx.Client(base_url=service.api_url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def keyword_data(tmp_path_factory) -> dict:
+    """Training CSV + zip of clips in the training voices, and held-out clips in unseen voices."""
+    root = tmp_path_factory.mktemp("keywords")
+    csv = make_dataset(root / "train", WORDS, TRAIN_VOICES, repeats=2, seed=1)
+    heldout_csv = make_dataset(root / "heldout", WORDS, HELDOUT_VOICES, repeats=1, seed=2)
+    return {
+        "csv": csv,
+        "zip": zip_clips(root / "train", csv, root / "train.zip"),
+        "heldout_csv": heldout_csv,
+        "heldout_dir": root / "heldout",
+    }
+
+
+def submit(client: httpx.Client, spec: dict, csv: Path, audio: Path | None = None, model: Path | None = None) -> httpx.Response:
+    import json
+
+    files = {"dataset": (csv.name, csv.read_bytes(), "text/csv")}
+    if audio is not None:
+        files["audio"] = (audio.name, audio.read_bytes(), "application/zip")
+    if model is not None:
+        files["model"] = (model.name, model.read_bytes(), "application/octet-stream")
+    return client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files=files)
+
+
+def wait_for(client: httpx.Client, job_id: str, states=("succeeded", "failed", "cancelled"), timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
+        if job["state"] in states:
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not reach {states} in {timeout} s; last: {job}")
+
+
+def extract_artifact(data: bytes, dest: Path) -> Path:
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
+        tar.extractall(dest, filter="data")
+    return dest

@@ -1,0 +1,79 @@
+"""The service's reason to be, end to end on the real parts: a client uploads a CSV of spoken
+words over HTTP, the job goes through Kafka to a worker, the trainer trains, the model lands in
+MinIO, the client downloads it and uses it with onnxruntime alone on voices it never heard."""
+
+import csv
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import soundfile
+
+from tests.conftest import extract_artifact, submit, wait_for
+
+pytestmark = pytest.mark.e2e
+
+SPEC = {"task": "audio_classification", "model_name": "keywords-e2e", "hyperparameters": {"epochs": 12, "batch_size": 16, "seed": 0}}
+
+
+@pytest.fixture(scope="module")
+def trained(api, keyword_data):
+    response = submit(api, SPEC, keyword_data["csv"], keyword_data["zip"])
+    assert response.status_code == 202, response.text
+    created = response.json()
+    assert created["status_url"].endswith(f"/v1/jobs/{created['id']}")
+    job = wait_for(api, created["id"])
+    return job
+
+
+def test_job_succeeds_with_a_model_version_and_honest_metrics(trained):
+    assert trained["state"] == "succeeded", trained["error"]
+    assert trained["model_version"] >= 1
+    assert trained["started_at"] and trained["finished_at"]
+    metrics = trained["metrics"]
+    for name in ("accuracy", "macro_precision", "macro_recall", "macro_f1", "test_size"):
+        assert name in metrics, metrics
+    assert metrics["test_size"] > 0
+    assert trained["progress"]["epoch"] >= 1
+
+
+def test_downloaded_model_recognises_unheard_voices_with_onnxruntime_alone(api, trained, keyword_data, tmp_path):
+    response = api.get(f"/v1/jobs/{trained['id']}/artifact")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/gzip"
+    model_dir = extract_artifact(response.content, tmp_path / "model")
+    labels = json.loads((model_dir / "labels.json").read_text())
+    session = ort.InferenceSession(str(model_dir / "model.onnx"))
+
+    rows = list(csv.DictReader(keyword_data["heldout_csv"].open()))
+    correct = 0
+    for row in rows:
+        audio, rate = soundfile.read(keyword_data["heldout_dir"] / row["audio"], dtype="float32")
+        assert rate == 16000
+        logits = session.run(None, {session.get_inputs()[0].name: audio[None, :]})[0]
+        correct += labels[int(np.argmax(logits[0]))] == row["label"]
+    accuracy = correct / len(rows)
+    print(f"held-out voices: {correct}/{len(rows)} = {accuracy:.2f}")
+    assert sorted(labels) == sorted({r["label"] for r in rows})
+    # Four classes: chance is 0.25. Unheard accents are hard; the model must clearly beat chance.
+    assert accuracy >= 0.5
+
+
+def test_model_registry_lists_the_version_with_lineage(api, trained):
+    models = {m["name"]: m for m in api.get("/v1/models").json()}
+    assert models[SPEC["model_name"]]["aliases"]["latest"] == trained["model_version"]
+    versions = api.get(f"/v1/models/{SPEC['model_name']}/versions").json()
+    version = next(v for v in versions if v["version"] == trained["model_version"])
+    assert version["job_id"] == trained["id"]
+    assert version["dataset"].startswith(f"jobs/{trained['id']}/inputs/")
+    assert "metrics.json" in version["files"] and any(f.endswith(".png") for f in version["files"])
+    metrics = api.get(f"/v1/models/{SPEC['model_name']}/versions/latest/files/metrics.json").json()
+    assert metrics["accuracy"] == trained["metrics"]["accuracy"]
+    redirect = api.get(f"/v1/models/{SPEC['model_name']}/versions/{trained['model_version']}/artifact", params={"redirect": "true"})
+    assert redirect.status_code == 307 and "X-Amz-Signature" in redirect.headers["location"]
+
+
+def test_listing_finds_the_job_by_state(api, trained):
+    page = api.get("/v1/jobs", params={"state": "succeeded", "limit": 100}).json()
+    assert trained["id"] in [j["id"] for j in page["items"]]
