@@ -61,7 +61,9 @@ fi
 # --- uv -------------------------------------------------------------------------------
 if ! command -v uv >/dev/null 2>&1; then
     log "uv: pip install uv"
-    python3 -m pip install -q uv
+    # Debian's own python3 refuses pip installs outside a venv (PEP 668); uv is a single
+    # static binary that touches nothing else, so overriding that is harmless here.
+    python3 -m pip install -q uv 2>/dev/null || python3 -m pip install -q --break-system-packages uv
     # pip may put it in ~/.local/bin, which is not always on PATH.
     export PATH="$HOME/.local/bin:$PATH"
     hash -r
