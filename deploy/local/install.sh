@@ -106,7 +106,7 @@ if [[ "${RETRAIN_SKIP_KAFKA:-0}" != 1 ]]; then
         rm -rf "$KAFKA_HOME/libs"
         mkdir -p "$KAFKA_HOME/libs"
         mvn -q -B -Dstyle.color=never -f "$pom" dependency:copy-dependencies \
-            -DoutputDirectory="$KAFKA_HOME/libs" -DincludeScope=runtime
+            -DoutputDirectory="$KAFKA_HOME/libs" -DincludeScope=runtime 2>&1 | sed "s/\x1b\[[0-9;]*m//g"
         echo "$want" >"$stamp"
         log "kafka: $(ls "$KAFKA_HOME/libs" | wc -l) jars"
     fi
