@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
+import fcntl
 import os
 import signal
 import socket
@@ -325,22 +327,36 @@ class Stack:
 
         return sorted(dict.fromkeys(names), key=key)
 
+    @contextlib.contextmanager
+    def _locked(self):
+        # Two `make up`s at once (or a test and a shell) would both see "not running" and
+        # start two Kafkas on one data dir; one lock file per run dir serialises them.
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / ".lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
+
     # ------------------------------------------------------------------ up
 
     def up(self, names=None, *, wait: bool = True) -> None:
         """Start what is not running yet, in dependency order, each ready before the next."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        for name in self._ordered(names):
-            if self.is_running(name):
-                print(f"[stack] {name}: already running (pid {self.pid(name)})", flush=True)
-                continue
-            t0 = time.monotonic()
-            kind = self._kind(name)
-            getattr(self, f"_start_{kind}")(name)
-            if wait:
-                self._wait_ready(name)
-                print(f"[stack] {name}: ready in {time.monotonic() - t0:.1f} s "
-                      f"(pid {self.pid(name)}, log {self.log_path(name)})", flush=True)
+        names = self._ordered(names)
+        with self._locked():
+            for name in names:
+                self._up_one(name, wait)
+
+    def _up_one(self, name: str, wait: bool) -> None:
+        """Start `name` unless it runs already; with `wait`, until its probe passes."""
+        if self.is_running(name):
+            print(f"[stack] {name}: already running (pid {self.pid(name)})", flush=True)
+            return
+        t0 = time.monotonic()
+        kind = self._kind(name)
+        getattr(self, f"_start_{kind}")(name)
+        if wait:
+            self._wait_ready(name)
+            print(f"[stack] {name}: ready in {time.monotonic() - t0:.1f} s "
+                  f"(pid {self.pid(name)}, log {self.log_path(name)})", flush=True)
 
     def _spawn(self, name: str, cmd: list[str], env: dict[str, str], ports: tuple[int, ...]) -> None:
         for port in ports:
@@ -574,10 +590,11 @@ log4j.logger.kafka.log=WARN
 
     def down(self, names=None, timeout: float = 15.0) -> None:
         """Stop services in reverse start order. Default: all, extra workers included."""
-        if names is None:
-            names = list(self.status())
-        for name in reversed(self._ordered(names)):
-            self.stop(name, timeout)
+        with self._locked():
+            if names is None:
+                names = list(self.status())
+            for name in reversed(self._ordered(names)):
+                self.stop(name, timeout)
 
     def __enter__(self) -> "Stack":
         return self
