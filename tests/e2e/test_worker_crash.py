@@ -51,7 +51,8 @@ def test_killed_worker_job_finishes_once_on_the_next_worker(service, api, keywor
     workspace = service.workdir / job_id
     assert trainer_processes(workspace), "the trainer should be running in the job's workspace"
     first_worker = job["worker"]
-    service.kill("worker", signal.SIGKILL)
+    # Only the worker process itself: its trainer must go down with it (PR_SET_PDEATHSIG).
+    os.kill(service.pid("worker"), signal.SIGKILL)
 
     # The trainer dies with its worker: nothing keeps training unsupervised.
     deadline = time.monotonic() + 10
