@@ -1,0 +1,91 @@
+"""Dispatch latency: from the API's 202 to the job running on a worker, over N small jobs.
+
+Two clocks per job: `server` = the job record's started_at - created_at (API commit -> outbox ->
+Kafka -> worker -> started event), and `client` = until a client polling GET /v1/jobs sees
+`running` (adds the event consumer and the poll interval). Each job is cancelled once running so
+the next one meets an idle worker. Baseline, same run and broker: a bare Kafka produce -> consume
+round trip, the floor any Kafka-based dispatch pays.
+
+    make up && .venv/bin/python bench/dispatch_latency.py [--jobs 50]
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+from confluent_kafka import Consumer, Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import API, KAFKA, percentile, small_dataset, table  # noqa: E402
+
+
+def kafka_round_trips(n: int) -> list[float]:
+    topic = f"bench-rtt-{uuid.uuid4().hex[:8]}"
+    AdminClient({"bootstrap.servers": KAFKA}).create_topics([NewTopic(topic, 1, 1)])[topic].result()
+    producer = Producer({"bootstrap.servers": KAFKA, "enable.idempotence": True, "acks": "all", "linger.ms": 5})
+    consumer = Consumer({"bootstrap.servers": KAFKA, "group.id": topic, "auto.offset.reset": "earliest"})
+    consumer.subscribe([topic])
+    times = []
+    while consumer.poll(0.2) is None and not consumer.assignment():
+        pass
+    for i in range(n):
+        start = time.perf_counter()
+        producer.produce(topic, value=str(i).encode())
+        producer.flush()
+        while True:
+            message = consumer.poll(5)
+            if message is not None and not message.error() and message.value() == str(i).encode():
+                break
+        times.append(time.perf_counter() - start)
+    consumer.close()
+    return times
+
+
+def dispatch(client: httpx.Client, csv: Path, clips: Path, n: int) -> tuple[list[float], list[float]]:
+    spec = {"task": "audio_classification", "model_name": "bench-dispatch", "hyperparameters": {"epochs": 1}}
+    server, seen = [], []
+    for _ in range(n):
+        response = client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files={
+            "dataset": ("d.csv", csv.read_bytes(), "text/csv"), "audio": ("c.zip", clips.read_bytes(), "application/zip")})
+        accepted = time.perf_counter()
+        job_id = response.raise_for_status().json()["id"]
+        while True:
+            job = client.get(f"/v1/jobs/{job_id}").json()
+            if job["state"] != "queued":
+                break
+            time.sleep(0.01)
+        seen.append(time.perf_counter() - accepted)
+        server.append((datetime.fromisoformat(job["started_at"]) - datetime.fromisoformat(job["created_at"])).total_seconds())
+        client.post(f"/v1/jobs/{job_id}/cancel")
+        while client.get(f"/v1/jobs/{job_id}").json()["state"] not in ("cancelled", "succeeded", "failed"):
+            time.sleep(0.05)
+    return server, seen
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--jobs", type=int, default=50)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp, httpx.Client(base_url=API, timeout=60) as client:
+        csv, clips = small_dataset(Path(tmp))
+        baseline = kafka_round_trips(args.jobs)
+        server, seen = dispatch(client, csv, clips, args.jobs)
+    base50 = percentile(baseline, 50)
+    rows = [
+        ["kafka produce->consume (baseline)", percentile(baseline, 50) * 1000, percentile(baseline, 95) * 1000, 1.0],
+        ["202 -> running (server clocks)", percentile(server, 50) * 1000, percentile(server, 95) * 1000, percentile(server, 50) / base50],
+        ["202 -> running seen by a client", percentile(seen, 50) * 1000, percentile(seen, 95) * 1000, percentile(seen, 50) / base50],
+    ]
+    print(f"dispatch latency over {args.jobs} jobs (ms)")
+    print(table(["path", "p50 ms", "p95 ms", "p50 / baseline"], rows))
+
+
+if __name__ == "__main__":
+    main()
