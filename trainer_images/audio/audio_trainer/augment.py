@@ -1,0 +1,95 @@
+"""Augmentation: make every epoch sound like new speakers in new rooms.
+
+A keyword set usually has few speakers; the model must not learn *them*. Each training example
+is, in order:
+1. speed/pitch perturbed: resampled by a random factor (0.85-1.15), which moves pitch and
+   formants together, like a different vocal tract (Ko et al., 2015);
+2. placed at a random offset in a fixed-length window (time shift and padding), or randomly
+   cropped when longer;
+3. scaled by a random gain;
+4. mixed with coloured noise (white, pink or brown) at a random SNR;
+and its log-mel then gets SpecAugment time and frequency masks (Park et al., 2019).
+
+Steps 1-4 run on the waveform batch, 5 on the features, all as batched tensor ops with an
+explicit generator so an epoch's augmentation depends only on (seed, epoch): a resumed run
+sees the same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .args import TrainingArguments
+
+
+def _speed(audio: np.ndarray, factor: float) -> np.ndarray:
+    """Linear-interpolation resample: factor > 1 is faster and higher."""
+    n_out = max(1, int(round(len(audio) / factor)))
+    positions = np.arange(n_out, dtype=np.float64) * factor
+    return np.interp(positions, np.arange(len(audio)), audio).astype(np.float32)
+
+
+def fit_window(audio: np.ndarray, length: int, offset_fraction: float) -> np.ndarray:
+    """Crop (when longer) or zero-pad (when shorter) to `length`, at a relative offset in [0, 1]."""
+    out = np.zeros(length, dtype=np.float32)
+    if len(audio) >= length:
+        start = int(round(offset_fraction * (len(audio) - length)))
+        out[:] = audio[start : start + length]
+    else:
+        start = int(round(offset_fraction * (length - len(audio))))
+        out[start : start + len(audio)] = audio
+    return out
+
+
+def _coloured_noise(shape: tuple[int, int], exponents: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Noise with power spectrum ~ 1/f^exponent per row (0 white, 1 pink, 2 brown), unit RMS."""
+    white = torch.randn(shape, generator=gen)
+    spectrum = torch.fft.rfft(white, dim=1)
+    f = torch.arange(spectrum.shape[1], dtype=torch.float32).clamp(min=1.0)
+    spectrum = spectrum / f[None, :] ** (exponents[:, None] / 2)
+    noise = torch.fft.irfft(spectrum, n=shape[1], dim=1)
+    return noise / (noise.pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-8)
+
+
+def augment_waveforms(clips: list[np.ndarray], length: int, args: TrainingArguments, gen: torch.Generator) -> torch.Tensor:
+    """A batch of raw clips -> augmented waveforms [B, length]."""
+    n = len(clips)
+    u = torch.rand(n, 3, generator=gen).numpy()
+    factors = args.speed_min + u[:, 0] * (args.speed_max - args.speed_min)
+    batch = np.stack([fit_window(_speed(a, float(f)), length, float(o)) for a, f, o in zip(clips, factors, u[:, 1])])
+    x = torch.from_numpy(batch)
+
+    signal_rms = x.pow(2).mean(dim=1, keepdim=True).sqrt() + 1e-8
+    snr_db = args.snr_min_db + torch.rand(n, 1, generator=gen) * (args.snr_max_db - args.snr_min_db)
+    noisy = torch.rand(n, 1, generator=gen) < args.noise_probability
+    exponents = torch.randint(0, 3, (n,), generator=gen).float()
+    noise = _coloured_noise((n, length), exponents, gen) * signal_rms * 10 ** (-snr_db / 20)
+    x = x + noise * noisy
+
+    gain_db = (torch.rand(n, 1, generator=gen) * 2 - 1) * args.gain_db
+    return x * 10 ** (gain_db / 20)
+
+
+def fixed_windows(clips: list[np.ndarray], length: int) -> torch.Tensor:
+    """No augmentation: centre each clip in the window (validation while training)."""
+    return torch.from_numpy(np.stack([fit_window(a, length, 0.5) for a in clips]))
+
+
+def spec_augment(logmel: torch.Tensor, args: TrainingArguments, gen: torch.Generator) -> torch.Tensor:
+    """Zero random bands of mel bins and runs of frames, per example ([B, 1, mels, frames])."""
+    b, _, n_mels, n_frames = logmel.shape
+    mask = torch.zeros(b, 1, n_mels, n_frames, dtype=torch.bool)
+    bins = torch.arange(n_mels)[None, :]
+    frames = torch.arange(n_frames)[None, :]
+    for _ in range(args.freq_masks):
+        width = torch.randint(0, args.freq_mask_bins + 1, (b, 1), generator=gen)
+        start = (torch.rand(b, 1, generator=gen) * (n_mels - width + 1)).long()
+        mask |= ((bins >= start) & (bins < start + width))[:, None, :, None]
+    max_t = max(1, int(args.time_mask_fraction * n_frames))
+    for _ in range(args.time_masks):
+        width = torch.randint(0, max_t + 1, (b, 1), generator=gen)
+        start = (torch.rand(b, 1, generator=gen) * (n_frames - width + 1)).long()
+        mask |= ((frames >= start) & (frames < start + width))[:, None, None, :]
+    # masked cells take the utterance mean, which is 0 after the front end's normalisation
+    return logmel.masked_fill(mask.to(logmel.device), 0.0)

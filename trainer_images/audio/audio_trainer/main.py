@@ -1,0 +1,227 @@
+"""The job, step by step (this reads as the method section of a report):
+
+1. Read the paths (SM_* variables) and the hyperparameters (strings, parsed to their types).
+2. Load the base model, if the model channel holds one, to know its labels and architecture.
+3. Read dataset.csv (and the validation channel's), decode every clip to 16 kHz mono in memory.
+4. Split: honour the `split` column / validation channel, otherwise stratify with a fixed seed.
+5. Build the model (from the base config when continuing) and copy the base weights in.
+6. Train with augmentation, early stopping on validation, a checkpoint every epoch.
+7. Evaluate the best weights on the test split (validation if none) and plot.
+8. Export model.onnx (verified against torch), weights, config, labels and the model card.
+
+Any failure writes a one-paragraph reason to $SM_OUTPUT_DIR/failure and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from . import FORMAT, SAMPLE_RATE
+from .args import Paths, TrainingArguments, parse_hyperparameters
+from .errors import TrainerError
+from .progress import log
+
+
+class Terminated(Exception):
+    pass
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001
+    raise Terminated()
+
+
+def _fingerprint(args: TrainingArguments, splits, base) -> str:
+    """What a checkpoint must match to be resumed: the data, its splits, labels, hyperparameters, base."""
+    h = hashlib.sha256()
+    h.update(json.dumps(args.to_dict(), sort_keys=True).encode())
+    h.update(json.dumps(splits.labels).encode())
+    for name in ("train", "validation"):
+        for c in getattr(splits, name):
+            h.update(f"{name}|{c.source}|{c.path}|{c.label}|{len(c.audio)}\n".encode())
+    if base is not None:
+        h.update(json.dumps(base.raw_config, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def run(paths: Paths) -> dict:
+    import torch  # imported here so argument errors are reported before torch's import cost
+
+    from .base import initialise_from_base, load_base
+    from .data import load_audio, make_splits, read_manifest
+    from .evaluate import full_report, plot_confusion, plot_curves, predict
+    from .export import copy_plots, export_onnx, save_weights, write_card
+    from .loop import Runtime, train
+    from .model import KeywordCNN, ModelConfig
+
+    started = time.monotonic()
+    # 1. Arguments and the machine.
+    args = parse_hyperparameters(paths)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    runtime = Runtime.choose(args, paths.num_gpus, paths.num_cpus)
+    job = paths.job()
+
+    # 2. The base model, if any: only this trainer's own format.
+    base = None
+    if paths.base_model_dir is not None:
+        paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        base = load_base(paths.base_model_dir, paths.checkpoint_dir)
+
+    # 3. The data, decoded once.
+    clips = read_manifest(paths.train_dir, "train")
+    channels = {"train": paths.train_dir}
+    if paths.validation_dir is not None:
+        val_rows = read_manifest(paths.validation_dir, "validation")
+        for c in val_rows:
+            c.split = "validation"  # the validation channel is validation, whatever its split column says
+        clips += val_rows
+        channels["validation"] = paths.validation_dir
+    load_audio(clips, channels, workers=max(2, os.cpu_count() or 1))
+    seconds = sum(len(c.audio) for c in clips) / SAMPLE_RATE
+    log(f"decoded {len(clips)} clips ({seconds:.1f} s of audio) in {time.monotonic() - started:.1f}s")
+
+    # 4. Splits.
+    splits = make_splits(clips, args.validation_fraction, args.test_fraction, args.seed,
+                         base_labels=base.config.labels if base else None)
+    for note in splits.notes:
+        log(note)
+    log(f"splits: {splits.sizes()}, labels: {splits.labels}")
+
+    # 5. The model.
+    if base is not None:
+        arch = base.config
+        for hp, value in (("n_mels", arch.n_mels), ("channels", arch.channels), ("dropout", arch.dropout)):
+            if getattr(args, hp) != value and not (hp == "channels" and args.channel_list == value):
+                log(f"continuing from a base: its {hp}={value} is kept (hyperparameter {hp}={getattr(args, hp)} ignored)")
+        config = ModelConfig(splits.labels, arch.n_mels, arch.n_fft, arch.hop_length, list(arch.channels), arch.dropout)
+    else:
+        config = ModelConfig(splits.labels, args.n_mels, args.n_fft, args.hop_length, args.channel_list, args.dropout)
+    model = KeywordCNN(config)
+    if base is not None:
+        initialise_from_base(model, base)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: log-mel({config.n_mels}) + CNN{config.channels}, {n_params:,} parameters")
+
+    # Training crop: long enough for the longest clip even when slowed down by augmentation.
+    if args.clip_seconds > 0:
+        clip_samples = int(args.clip_seconds * SAMPLE_RATE)
+    else:
+        longest = max(len(c.audio) for c in splits.train)
+        clip_samples = int(min(4 * SAMPLE_RATE, max(0.5 * SAMPLE_RATE, longest / min(1.0, args.speed_min))))
+    log(f"training window: {clip_samples / SAMPLE_RATE:.2f} s")
+
+    # 6. Training.
+    state = train(model, splits.train, splits.validation, clip_samples, args, runtime,
+                  paths.checkpoint_dir, _fingerprint(args, splits, base))
+    train_seconds = time.monotonic() - started
+
+    # 7. Evaluation on held-out data.
+    model.to("cpu")
+    eval_clips = splits.test if splits.eval_split == "test" else splits.validation
+    index = {label: i for i, label in enumerate(splits.labels)}
+    y_true = np.array([index[c.label] for c in eval_clips])
+    logits = predict(model, [c.audio for c in eval_clips], torch.device("cpu"), args.batch_size)
+    report = full_report(y_true, logits.argmax(1), splits.labels)
+    counts: dict[str, dict[str, int]] = {}
+    for name in ("train", "validation", "test"):
+        for label, n in Counter(c.label for c in getattr(splits, name)).items():
+            counts.setdefault(label, {})[name] = n
+    metrics = {
+        "accuracy": report["accuracy"],
+        "macro_precision": report["macro_precision"],
+        "macro_recall": report["macro_recall"],
+        "macro_f1": report["macro_f1"],
+        "test_size": len(splits.test),
+        "train_size": len(splits.train),
+        "val_size": len(splits.validation),
+        "eval_size": len(eval_clips),
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
+        "best_val_loss": state.best_val_loss,
+        "num_labels": len(splits.labels),
+        "eval_split": splits.eval_split,
+        "stop_reason": state.stop_reason,
+        "labels": splits.labels,
+        "label_counts": counts,
+        "per_class": report["per_class"],
+        "confusion_matrix": report["confusion_matrix"],
+        "notes": splits.notes,
+        "base_model": bool(base),
+    }
+    out = paths.output_data_dir
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [out / "training_curves.png", out / "confusion_matrix.png"]
+    plot_curves(state.history, state.best_epoch, plots[0])
+    plot_confusion(report["confusion_matrix"], splits.labels,
+                   f"{splits.eval_split} split ({len(eval_clips)} clips), accuracy {report['accuracy']:.3f}", plots[1])
+    log(f"{splits.eval_split} ({len(eval_clips)} clips): accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}")
+
+    # 8. Export.
+    model_dir = paths.model_dir
+    model_dir.mkdir(parents=True, exist_ok=True)
+    lineage = list(base.raw_config.get("lineage", [])) if base else []
+    lineage.append({
+        "job_id": job.get("job_id"),
+        "model_name": job.get("model_name"),
+        "base": job.get("base") or (str(base.source) if base else None),
+        "labels": splits.labels,
+        "train_size": len(splits.train),
+    })
+    save_weights(model, model_dir, {"lineage": lineage, "trained_from": base.raw_config.get("lineage", [])[-1:] if base else []})
+    check = [c.audio for c in (eval_clips or splits.validation)][:8]
+    metrics["onnx_max_abs_diff"] = export_onnx(model, model_dir / "model.onnx", check)
+    metrics["training_seconds"] = round(train_seconds, 1)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    copy_plots(plots, model_dir)
+    write_card(model_dir, job=job, labels=splits.labels, label_counts=counts, hyperparameters=args.to_dict(),
+               metrics=metrics, lineage=lineage, notes=splits.notes, config=config.to_json())
+    log(f"done in {time.monotonic() - started:.1f}s: {sorted(p.name for p in model_dir.iterdir())}")
+    return metrics
+
+
+def _write_failure(paths_output: Path, reason: str) -> None:
+    try:
+        paths_output.mkdir(parents=True, exist_ok=True)
+        (paths_output / "failure").write_text(reason.strip() + "\n")
+    except OSError as e:
+        log(f"could not write the failure file: {e}")
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    output_dir = Path(os.environ.get("SM_OUTPUT_DIR") or "/opt/ml/output")
+    try:
+        paths = Paths.from_env()
+        output_dir = paths.output_dir
+        run(paths)
+        return 0
+    except TrainerError as e:
+        reason = str(e)
+    except Terminated:
+        reason = ("Training was stopped by SIGTERM (cancelled or past its deadline). The last checkpoint is kept, "
+                  "so a rerun of this job resumes from it.")
+    except MemoryError:
+        reason = "The trainer ran out of memory; use a smaller batch_size or a machine with more memory."
+    except Exception as e:  # noqa: BLE001 - an unexpected error still gets a reason, and its traceback in the log
+        traceback.print_exc(file=sys.stderr)
+        reason = f"Unexpected trainer error: {type(e).__name__}: {e}. See the job's log lines for the traceback."
+        if "out of memory" in str(e).lower():
+            reason = f"The GPU ran out of memory ({e}); use a smaller batch_size."
+    log(f"FAILED: {reason}")
+    _write_failure(output_dir, reason)
+    return 1
+
+
+__all__ = ["main", "run", "FORMAT"]
