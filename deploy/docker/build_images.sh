@@ -95,7 +95,14 @@ for image in "${IMAGES[@]}"; do
     audio)
         ctx=$(stage audio "$REPO_ROOT/trainer_images/audio")
         # The trainer's pinned requirements, exported from the one lock file.
-        (cd "$REPO_ROOT" && uv export --frozen --extra trainer --no-emit-project --no-hashes -q) >"$ctx/requirements.txt"
+        extras=(--extra trainer)
+        # The trainer checks its ONNX export with onnxruntime; until the lock's `trainer` extra
+        # carries it, take it (fully pinned) from the `dev` extra, which also adds pytest & co.
+        if ! (cd "$REPO_ROOT" && uv export --frozen --extra trainer --no-emit-project --no-hashes -q) | grep -q '^onnxruntime=='; then
+            log "the trainer extra lacks onnxruntime: adding the dev extra to the audio image"
+            extras+=(--extra dev)
+        fi
+        (cd "$REPO_ROOT" && uv export --frozen "${extras[@]}" --no-emit-project --no-hashes -q) >"$ctx/requirements.txt"
         build audio retrain/trainer-audio:latest "$ctx" ;;
     keras)
         ctx=$(stage keras "$REPO_ROOT/trainer_images/keras")
