@@ -69,5 +69,6 @@ class LogMel(nn.Module):
         # the floor (1e-3 of a unit-peak signal's power scale) keeps digital silence from dominating
         logmel = torch.log(mel + 1e-3)
         mean = logmel.mean(dim=(1, 2), keepdim=True)
-        std = torch.sqrt(((logmel - mean) ** 2).mean(dim=(1, 2), keepdim=True) + 1e-5)
+        # the variance floor keeps near-constant input (digital silence) from amplifying rounding noise
+        std = torch.sqrt(((logmel - mean) ** 2).mean(dim=(1, 2), keepdim=True) + 1e-2)
         return ((logmel - mean) / std).unsqueeze(1)
