@@ -66,7 +66,14 @@ def _find_config(root: Path) -> Path | None:
     return found[0] if len(found) == 1 else None
 
 
-def load_base(channel: Path, workdir: Path) -> BaseModel:
+def load_base(channel: Path) -> BaseModel:
+    # An uploaded archive is unpacked into a temporary folder that lives only while the weights
+    # are read (not into the checkpoint folder, which is kept between attempts).
+    with tempfile.TemporaryDirectory(prefix="retrain-base-") as workdir:
+        return _load_base(channel, Path(workdir))
+
+
+def _load_base(channel: Path, workdir: Path) -> BaseModel:
     files = sorted(p.relative_to(channel).as_posix() for p in channel.rglob("*") if p.is_file())
     if not files:
         raise TrainerError("The model channel is empty: a base model was requested but no files were staged.")
@@ -74,7 +81,8 @@ def load_base(channel: Path, workdir: Path) -> BaseModel:
     if config_path is None:
         archives = [channel / f for f in files if f.lower().endswith(_ARCHIVES)]
         if len(archives) == 1:
-            extract_to = Path(tempfile.mkdtemp(prefix="base-", dir=workdir))
+            extract_to = workdir / "extracted"
+            extract_to.mkdir()
             try:
                 _safe_extract(archives[0], extract_to)
             except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:

@@ -153,12 +153,13 @@ def write_card(model_dir: Path, *, job: dict, labels: list[str], label_counts: d
         "## Lineage",
         "",
     ]
+    if len(lineage) <= 1:
+        lines.append("Trained from scratch.")
     if lineage:
+        lines.append("")
         for i, step in enumerate(lineage):
             desc = ", ".join(f"{k}={v}" for k, v in step.items() if v not in (None, "", []))
             lines.append(f"{i + 1}. {desc}")
-    else:
-        lines.append("Trained from scratch.")
     lines += [
         "",
         "## Architecture",

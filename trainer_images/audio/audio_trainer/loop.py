@@ -60,7 +60,7 @@ class Runtime:
             log(f"device: {torch.cuda.get_device_name(0)}, mixed precision: {mode}")
             return cls(device, dtype)
         # Small convolutions on CPU: one thread per core, and no inter-op oversubscription.
-        threads = num_cpus or os.cpu_count() or 1
+        threads = num_cpus or len(os.sched_getaffinity(0)) or 1
         torch.set_num_threads(max(1, threads))
         with contextlib.suppress(RuntimeError):  # may only be set once per process
             torch.set_num_interop_threads(1)

@@ -76,8 +76,7 @@ def run(paths: Paths) -> dict:
     # 2. The base model, if any: only this trainer's own format.
     base = None
     if paths.base_model_dir is not None:
-        paths.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        base = load_base(paths.base_model_dir, paths.checkpoint_dir)
+        base = load_base(paths.base_model_dir)
 
     # 3. The data, decoded once.
     clips = read_manifest(paths.train_dir, "train")
@@ -175,7 +174,7 @@ def run(paths: Paths) -> dict:
     lineage.append({
         "job_id": job.get("job_id"),
         "model_name": job.get("model_name"),
-        "base": job.get("base") or (str(base.source) if base else None),
+        "base": job.get("base") or ("uploaded model" if base else None),
         "labels": splits.labels,
         "train_size": len(splits.train),
     })
