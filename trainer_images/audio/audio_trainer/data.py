@@ -193,7 +193,7 @@ def make_splits(clips: list[Clip], validation_fraction: float, test_fraction: fl
     - rows of the validation channel are validation;
     - rows whose `split` column says train/validation/test stay there;
     - unassigned rows fill whatever is missing: a validation split when none is given, and a test
-      split when none is given and no split column assigns anything (a user who assigns only
+      split when none is given and the train CSV's split column assigns nothing (a user who assigns only
       train/validation has chosen to have no test split: metrics are then reported on validation,
       and metrics.json says so).
     """
@@ -203,10 +203,12 @@ def make_splits(clips: list[Clip], validation_fraction: float, test_fraction: fl
     validation = [c for c in clips if c.split == "validation"]
     test = [c for c in clips if c.split == "test"]
     unassigned = [c for c in clips if c.split == ""]
-    any_assigned = bool(train or validation or test)
+    # Did the train CSV's own split column assign anything? (A validation channel alone does not
+    # mean the user gave up on a test split.)
+    train_csv_assigns = any(c.split for c in clips if c.source == "train")
 
     pool = unassigned
-    if not test and not any_assigned and test_fraction > 0:
+    if not test and not train_csv_assigns and test_fraction > 0:
         pool, test = _stratified_take(pool, test_fraction, rng, "test", keep_min=2)
         notes.append(f"test split: stratified {test_fraction:.0%} of the data (seed {seed})")
     if not validation:
