@@ -103,6 +103,9 @@ for image in "${IMAGES[@]}"; do
             extras+=(--extra dev)
         fi
         (cd "$REPO_ROOT" && uv export --frozen "${extras[@]}" --no-emit-project --no-hashes -q) >"$ctx/requirements.txt"
+        # torch and its dependencies (CUDA wheels, triton): the Dockerfile's first, heavy pip layer.
+        grep -E '^(torch|triton|nvidia-[a-z0-9-]+|sympy|mpmath|networkx|jinja2|markupsafe|filelock|fsspec|typing-extensions|setuptools)==' \
+            "$ctx/requirements.txt" >"$ctx/requirements-torch.txt"
         build audio retrain/trainer-audio:latest "$ctx" ;;
     keras)
         ctx=$(stage keras "$REPO_ROOT/trainer_images/keras")

@@ -28,6 +28,7 @@ def make_train_channel(path):
     return path / "dataset.csv", ["high", "low"]
 
 
+@pytest.mark.timeout(3600)  # a cold image build (wheels + torch layer) is part of the first use
 def test_audio_trainer_image_trains_a_tiny_model(audio_image, runner, tmp_path):
     ws = Workspace(tmp_path / "audio-job")
     _, labels = make_train_channel(ws.channel("train"))

@@ -56,6 +56,7 @@ def fresh_model(keras_image, docker_client, tmp_path_factory):
     return ws, result, lines
 
 
+@pytest.mark.timeout(1800)  # includes a cold image build
 def test_fresh_keras_model_trains_in_the_image(fresh_model, keras_image, docker_client, tmp_path):
     ws, result, lines = fresh_model
     assert result.outcome is Outcome.succeeded, (result, lines[-20:])
