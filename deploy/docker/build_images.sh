@@ -38,6 +38,11 @@ WHEEL_PORT="${RETRAIN_WHEEL_PORT:-8765}"
 # works with it (multi-stage is not even needed).
 export DOCKER_BUILDKIT=0
 
+# One build at a time per cache (tests of several owners may ask for images at once; they share
+# the wheel server's port and the staged contexts).
+exec 9>"$DOCKER_CACHE/build.lock"
+flock 9
+
 ensure_dockerd
 if [ "$ONLINE" = 0 ]; then
     bash "$REPO_ROOT/deploy/docker/make_base.sh"
