@@ -54,9 +54,11 @@ class JobEventsConsumer(threading.Thread):
         consumer.subscribe([self.settings.topic_events])
         try:
             while not self.stopping.is_set():
-                messages = consumer.consume(num_messages=500, timeout=0.5)
-                if not messages:
+                # Block for the first event only, then take whatever else is already there.
+                first = consumer.poll(0.5)
+                if first is None:
                     continue
+                messages = [first, *consumer.consume(num_messages=500, timeout=0)]
                 with self.db.sessions() as session:
                     for message in messages:
                         if message.error():

@@ -28,7 +28,8 @@ from bench.common import API, KAFKA, percentile, small_dataset, table  # noqa: E
 
 def kafka_round_trips(n: int) -> list[float]:
     topic = f"bench-rtt-{uuid.uuid4().hex[:8]}"
-    AdminClient({"bootstrap.servers": KAFKA}).create_topics([NewTopic(topic, 1, 1)])[topic].result()
+    admin = AdminClient({"bootstrap.servers": KAFKA})  # keep a reference until the topic exists
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result()
     producer = Producer({"bootstrap.servers": KAFKA, "enable.idempotence": True, "acks": "all", "linger.ms": 5})
     consumer = Consumer({"bootstrap.servers": KAFKA, "group.id": topic, "auto.offset.reset": "earliest"})
     consumer.subscribe([topic])

@@ -56,7 +56,9 @@ class Worker:
         log.info("worker %s: taking jobs from %s (capacity %d)", self.worker_id, self.settings.topic_jobs, self.capacity)
         try:
             while not self.stopping.is_set():
-                message = jobs.poll(0.5)  # with partitions paused this only keeps us in the group
+                # Short timeout: a finished job frees its slot (and resumes fetching) within 0.1 s.
+                # With partitions paused this poll only keeps us in the group.
+                message = jobs.poll(0.1)
                 if message is not None:
                     self.take(message)
                 command = control.poll(0)
