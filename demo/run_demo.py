@@ -58,7 +58,7 @@ def main() -> int:
         job = client.get(f"/v1/jobs/{job_id}").raise_for_status().json()
         progress = job["progress"]
         line = f"   {job['state']}"
-        if progress["epoch"]:
+        if progress["epoch"] and job["state"] == "running":
             m = job["metrics"]
             line += f"  epoch {progress['epoch']}/{progress['epochs']}  val_accuracy {m.get('val_accuracy', float('nan')):.3f}  train_loss {m.get('train_loss', float('nan')):.3f}"
         if line != last:

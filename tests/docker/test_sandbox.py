@@ -294,3 +294,24 @@ def test_cleanup_spares_the_running_instances_own_containers(runner, test_image,
     finally:
         cancel.set()
         th.join(30)
+
+
+def test_two_jobs_run_side_by_side(runner, test_image, make_workspace):
+    """One runner object, two jobs at once in two threads (the worker's concurrency N = 2)."""
+    results, spans = {}, {}
+
+    def job(name):
+        ws = make_workspace(name)
+        t0 = time.monotonic()
+        results[name], *_ = run_job(runner, ws, test_image, env={"TEST_ACTION": "ticks", "TEST_TICKS": "4", "TEST_TICK_S": "1"})
+        spans[name] = (t0, time.monotonic())
+
+    threads = [threading.Thread(target=job, args=(n,)) for n in ("job-a", "job-b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(r.outcome is Outcome.succeeded for r in results.values()), results
+    (a0, a1), (b0, b1) = spans["job-a"], spans["job-b"]
+    assert min(a1, b1) - max(a0, b0) > 2, spans  # they overlapped
+    assert runner.list_containers() == []

@@ -90,7 +90,8 @@ class DockerRunner:
         `stop_timeout_s`: SIGTERM grace before SIGKILL on cancel/timeout (keep it under 10 s).
         `runtime`: e.g. "nvidia" on hosts with the legacy nvidia runtime instead of the CDI/hook."""
         self.worker_id = worker_id
-        self.client = client or docker.from_env(timeout=120)
+        # Every running job holds two streaming connections (logs, wait): a roomy pool.
+        self.client = client or docker.from_env(timeout=120, max_pool_size=64)
         self.images = {**DEFAULT_IMAGES, **(images or {})}
         self.default_limits = default_limits or ResourceLimits(memory_bytes=None, cpus=None)
         self.container_user = container_user
