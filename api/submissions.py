@@ -44,6 +44,9 @@ def submit_job(
         if upload is not None and upload.size > settings.max_upload_bytes:
             raise InputError(field, f"is {upload.size} bytes; the limit is {settings.max_upload_bytes}", file=upload.filename, status=413)
 
+    if spec.image is not None and not any(spec.image.startswith(prefix) for prefix in settings.allowed_images):
+        raise InputError("spec.image", f"image {spec.image!r} is not allowed here; allowed prefixes: {settings.allowed_images}")
+
     base_version = None
     if spec.base is not None:
         base_version = store.resolve(spec.base.model, spec.base.version)

@@ -2,6 +2,7 @@
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -35,13 +36,23 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 2 * 1024**3  # per uploaded file
     public_url: str = ""  # base of status_url; empty = relative URLs
 
+    # Images a job spec may name (bring your own image): allowed name prefixes.
+    allowed_images: list[str] = ["retrain/"]
+
     # Worker
-    worker_id: str = ""  # empty = hostname-pid
+    worker_id: str = ""  # empty = hostname-pid; give each worker a stable one with the docker runner
     workdir: Path = Path(".run/work")
-    runner: str = "process"  # process | docker
-    trainer_python: str = ".venv-trainer/bin/python"
-    trainer_dir: Path = Path("trainer_images")
+    runner: Literal["process", "docker"] = "process"
+    trainer_python: str = ".venv-trainer/bin/python"  # process runner
+    trainer_dir: Path = Path("trainer_images")  # process runner
+    concurrency: int = 0  # jobs at once; 0 = one per GPU, at least 1
+    gpus: str | None = None  # GPU ids ("0,1"); unset = discover (NVML, nvidia-smi); "" = none
     job_deadline_s: int = 6 * 3600
+    # Container defaults (docker runner) for what a job's spec.resources leaves unset.
+    container_memory_mb: int | None = 16 * 1024
+    container_cpus: float | None = None
+    container_pids: int = 4096
+    container_shm_mb: int = 2048
 
 
 @lru_cache

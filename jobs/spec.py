@@ -34,6 +34,17 @@ class BaseModelRef(BaseModel):
     version: int | Literal["latest"] = "latest"
 
 
+class Resources(BaseModel):
+    """What the job's training container gets (docker runner); unset = the worker's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpus: int | None = Field(None, ge=0, le=16, description="GPUs for the job; unset = 1 on a GPU worker, 0 on a CPU one")
+    memory_mb: int | None = Field(None, ge=256)
+    cpus: float | None = Field(None, gt=0)
+    deadline_s: int | None = Field(None, ge=1, description="stop and fail the job with reason 'timeout' after this long")
+
+
 class JobSpec(BaseModel):
     """What the client sends as the `spec` form field."""
 
@@ -43,6 +54,8 @@ class JobSpec(BaseModel):
     model_name: str = Field(pattern=MODEL_NAME_PATTERN, description="the stored model this job produces a version of")
     hyperparameters: Hyperparameters = Field(default_factory=Hyperparameters)
     base: BaseModelRef | None = None
+    image: str | None = Field(None, max_length=255, description="a training image of your own (SageMaker contract), from the operator's allow-list")
+    resources: Resources = Field(default_factory=Resources)
 
     @field_validator("hyperparameters", mode="before")
     @classmethod

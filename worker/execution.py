@@ -10,7 +10,8 @@ from jobs.spec import JobMessage
 from jobs.settings import Settings
 from models_store import ModelStore
 from worker.events import EventPublisher, parse_trainer_line
-from worker.runners.base import Outcome, Runner, RunRequest
+from worker.gpus import GpuAllocator
+from worker.runners.base import Outcome, ResourceLimits, Runner, RunRequest
 from worker.staging import stage_inputs
 from worker.workspace import Workspace
 
@@ -27,7 +28,7 @@ class JobExecution:
     runner: Runner
     events: EventPublisher
     worker_id: str
-    gpus: tuple[str, ...] = ()
+    gpus: GpuAllocator
     cancel: threading.Event = field(default_factory=threading.Event)
     abandoned: bool = False
 
@@ -49,15 +50,20 @@ class JobExecution:
         self.events.emit(job_id, EventType.started, worker=self.worker_id)
         try:
             stage_inputs(self.store, self.message, workspace)
-            trainer = TRAINER_FOR_TASK[spec.task]
-            request = RunRequest(
-                job_id=job_id, workspace=workspace, trainer=trainer, gpus=self.gpus,
-                deadline_s=self.settings.job_deadline_s,
-            )
-            with log_path.open("a") as train_log:
-                result = self.runner.run(request, on_line=lambda line: self._relay(line, train_log), cancel=self.cancel)
-            if self.abandoned:
-                return None  # workspace and checkpoints stay for the rerun
+            resources = spec.resources
+            # A GPU worker gives a job one GPU unless it asks otherwise; a CPU worker none.
+            wanted = resources.gpus if resources.gpus is not None else min(1, self.gpus.total)
+            with self.gpus.lease(wanted, cancel=self.cancel) as gpu_ids:  # waits while none is free
+                request = RunRequest(
+                    job_id=job_id, workspace=workspace, trainer=TRAINER_FOR_TASK[spec.task], image=spec.image,
+                    gpus=gpu_ids, deadline_s=resources.deadline_s or self.settings.job_deadline_s,
+                    limits=ResourceLimits(
+                        memory_bytes=resources.memory_mb * 1024**2 if resources.memory_mb else None,
+                        cpus=resources.cpus, pids=None, shm_bytes=None,
+                    ),
+                )
+                with log_path.open("a") as train_log:
+                    result = self.runner.run(request, on_line=lambda line: self._relay(line, train_log), cancel=self.cancel)
             self.store.put_file(f"jobs/{job_id}/train.log", log_path, "text/plain")
             if result.outcome == Outcome.succeeded:
                 info = self.store.publish_version(
@@ -65,7 +71,7 @@ class JobExecution:
                     lineage={
                         "task": spec.task, "dataset": self.message.inputs.dataset,
                         "base_model": spec.base.model if spec.base else None, "base_version": self.message.base_version,
-                        "image": request.image or f"builtin:{trainer}",
+                        "image": request.image or f"builtin:{request.trainer}",
                     },
                 )
                 outcome = {
@@ -74,11 +80,19 @@ class JobExecution:
                 }
             elif result.outcome == Outcome.cancelled:
                 outcome = {"state": JobState.cancelled, "reason": "cancelled"}
+            elif result.outcome == Outcome.timeout:
+                outcome = {"state": JobState.failed, "reason": "timeout", "detail": result.reason}
+            elif result.outcome == Outcome.out_of_memory:
+                outcome = {"state": JobState.failed, "reason": "out_of_memory", "detail": result.reason}
             else:
                 outcome = {"state": JobState.failed, "reason": result.reason or result.outcome.value}
+        except InterruptedError:  # cancelled while waiting for a GPU
+            outcome = {"state": JobState.cancelled, "reason": "cancelled"}
         except Exception as err:  # staging or storing failed: the job fails, the worker goes on
             log.exception("job %s failed outside the trainer", job_id)
             outcome = {"state": JobState.failed, "reason": f"{type(err).__name__}: {err}"}
+        if self.abandoned and outcome["state"] == JobState.cancelled:
+            return None  # worker shutdown: nothing recorded, workspace and checkpoints stay for the rerun
         self.record(outcome)
         shutil.rmtree(workspace.root, ignore_errors=True)
         log_path.unlink(missing_ok=True)

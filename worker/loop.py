@@ -24,6 +24,7 @@ from jobs.spec import JobMessage
 from models_store import ModelStore
 from worker.events import EventPublisher
 from worker.execution import JobExecution, announce
+from worker.gpus import GpuAllocator
 from worker.offsets import OffsetTracker
 from worker.runners.base import Runner
 
@@ -31,8 +32,9 @@ log = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, settings: Settings, store: ModelStore, runner: Runner, capacity: int = 1):
+    def __init__(self, settings: Settings, store: ModelStore, runner: Runner, gpus: GpuAllocator | None = None, capacity: int = 1):
         self.settings, self.store, self.runner, self.capacity = settings, store, runner, capacity
+        self.gpus = gpus or GpuAllocator([])
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self.producer = make_producer(settings)
         self.events = EventPublisher(self.producer, settings.topic_events)
@@ -91,7 +93,7 @@ class Worker:
             self.offsets.done_without_running(message)
             self._commit()
             return
-        execution = JobExecution(job, self.settings, self.store, self.runner, self.events, self.worker_id)
+        execution = JobExecution(job, self.settings, self.store, self.runner, self.events, self.worker_id, self.gpus)
         log.info("job %s: starting (%s, model %s)", job.job_id, job.spec.task, job.spec.model_name)
         self.offsets.started(message)
         self.running[self.pool.submit(execution.run)] = (message, execution)

@@ -50,7 +50,6 @@ def test_killed_worker_job_finishes_once_on_the_next_worker(service, api, keywor
         time.sleep(0.3)
     workspace = service.workdir / job_id
     assert trainer_processes(workspace), "the trainer should be running in the job's workspace"
-    first_worker = job["worker"]
     # Only the worker process itself: its trainer must go down with it (PR_SET_PDEATHSIG).
     os.kill(service.pid("worker"), signal.SIGKILL)
 
@@ -63,8 +62,7 @@ def test_killed_worker_job_finishes_once_on_the_next_worker(service, api, keywor
     service.up(["worker"])
     job = wait_for(api, job_id, timeout=600)
     assert job["state"] == "succeeded", job["error"]
-    assert job["attempts"] == 2
-    assert job["worker"] != first_worker
+    assert job["attempts"] == 2  # started once by each life of the worker
 
     versions = api.get(f"/v1/models/{SPEC['model_name']}/versions").json()
     assert [v["job_id"] for v in versions] == [job_id], "exactly one model version for the job"

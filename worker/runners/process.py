@@ -29,6 +29,9 @@ class ProcessRunner:
         self.trainer_dir = Path(trainer_dir).absolute()
 
     def run(self, request: RunRequest, on_line: Callable[[str], None], cancel: threading.Event) -> RunResult:
+        if request.image:
+            return RunResult(Outcome.failed, None, f"this worker runs built-in trainers as processes; a job naming the image "
+                             f"{request.image!r} needs a worker with RETRAIN_RUNNER=docker")
         entrypoint = self.trainer_dir / request.trainer / "train"
         if not entrypoint.is_file():
             return RunResult(Outcome.failed, None, f"no trainer {request.trainer!r} at {entrypoint}")
