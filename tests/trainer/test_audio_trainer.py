@@ -27,12 +27,11 @@ ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ROOT / "trainer_images" / "audio" / "train"
 TRAINER_PYTHON = Path(os.environ.get("RETRAIN_TRAINER_PYTHON", ROOT / ".venv-trainer" / "bin" / "python"))
 
-if not TRAINER_PYTHON.exists():
-    pytest.skip(f"the trainer environment {TRAINER_PYTHON} is not installed (set RETRAIN_TRAINER_PYTHON)", allow_module_level=True)
-if shutil.which("espeak-ng") is None or shutil.which("sox") is None:
-    pytest.skip("espeak-ng and sox are needed to make the spoken-word data", allow_module_level=True)
+# `make test` installs all of these (deploy/local/install.sh); a missing one is a failure, not a skip.
+assert TRAINER_PYTHON.exists(), f"the trainer environment {TRAINER_PYTHON} is not installed: run deploy/local/install.sh"
+assert shutil.which("espeak-ng") and shutil.which("sox"), "espeak-ng and sox are needed: run deploy/local/install.sh"
 
-ort = pytest.importorskip("onnxruntime")
+import onnxruntime as ort  # noqa: E402
 
 
 def _load_spoken_words():
