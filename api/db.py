@@ -40,6 +40,7 @@ class Job(Base):
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    outputs: Mapped[list[str]] = mapped_column(JSON, default=list)  # result files of jobs that make no model
 
 
 class OutboxMessage(Base):

@@ -35,6 +35,7 @@ def apply_event(session: Session, event: JobEvent) -> None:
             job.metrics = {**(job.metrics or {}), **data["metrics"]}
     elif event.type == EventType.succeeded:
         job.model_version = data.get("model_version")
+        job.outputs = data.get("outputs") or []
         job.metrics = data.get("metrics") or job.metrics
         job.finished_at = event.time
     elif event.type in (EventType.failed, EventType.cancelled):

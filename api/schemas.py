@@ -31,6 +31,7 @@ class JobOut(BaseModel):
     metrics: dict[str, Any]
     error: str | None
     model_version: int | None
+    outputs: list[str] = []
     worker: str | None
     attempts: int
     created_at: datetime

@@ -13,7 +13,7 @@ from api.db import Job, OutboxMessage
 from api.validation import Archive, InputError, check_audio_files, check_model_upload, read_manifest
 from jobs.events import EventType, JobEvent, JobState, utcnow
 from jobs.settings import Settings
-from jobs.spec import JobInputs, JobMessage, JobSpec
+from jobs.spec import JobInputs, JobMessage, JobSpec, Task
 from models_store import ModelStore
 
 
@@ -53,6 +53,9 @@ def submit_job(
         if base_version is None:
             raise InputError("spec.base", f"model {spec.base.model!r} has no version {spec.base.version!r}")
 
+    if spec.task == Task.transcribe and spec.base is None and model is None:
+        raise InputError("spec.base", "a transcribe job needs an ASR model: name a stored version in base, or upload one")
+
     manifest = read_manifest(dataset.file.read(), spec.task, dataset.filename)
     archive = Archive(audio.file, "audio", audio.filename) if audio else None
     try:
@@ -81,7 +84,8 @@ def submit_job(
             inputs.base_model = store.artifact_key(spec.base.model, base_version)
 
         now = utcnow()
-        message = JobMessage(job_id=job_id, spec=spec, inputs=inputs, base_version=base_version, submitted_at=now)
+        trainer = choose_trainer(spec, model, base_version, store)
+        message = JobMessage(job_id=job_id, spec=spec, inputs=inputs, trainer=trainer, base_version=base_version, submitted_at=now)
         job = Job(
             id=job_id, state=JobState.queued, task=spec.task, model_name=spec.model_name,
             spec=spec.model_dump(mode="json"), inputs=inputs.model_dump(mode="json"),
@@ -97,6 +101,18 @@ def submit_job(
         store.delete_prefix(store.job_prefix(job_id))
         raise
     return job
+
+
+def choose_trainer(spec: JobSpec, model: Upload | None, base_version: int | None, store: ModelStore) -> str:
+    """Which built-in image trains the job: Keras models stay in the TensorFlow image (an
+    uploaded .keras file, or a stored version that came out of it); everything else is PyTorch."""
+    if model is not None and model.filename.lower().endswith(".keras"):
+        return "keras"
+    if spec.base is not None and base_version is not None:
+        info = store.get_version(spec.base.model, base_version)
+        if info is not None and info.image == "builtin:keras":
+            return "keras"
+    return "audio"
 
 
 def _safe_name(filename: str) -> str:

@@ -3,6 +3,9 @@ that names the file, the row and the problem, and leaves nothing behind."""
 
 import csv
 import io
+import shutil
+import subprocess
+import tempfile
 import tarfile
 import zipfile
 from collections import Counter
@@ -15,7 +18,11 @@ import soundfile
 from jobs.spec import Task
 
 # Columns each task's CSV must have; `split` (train/validation/test) is optional everywhere.
-REQUIRED_COLUMNS = {Task.audio_classification: ("audio", "label")}
+REQUIRED_COLUMNS = {
+    Task.audio_classification: ("audio", "label"),
+    Task.asr: ("audio", "text"),
+    Task.transcribe: ("audio",),
+}
 SPLITS = {"train", "validation", "test"}
 MAX_DECODE_CHECK_BYTES = 256 * 1024 * 1024  # bigger members are spooled to disk for the check
 
@@ -196,7 +203,26 @@ def _check_decodes(archive: Archive, name: str, row: int) -> None:
             if sound.frames == 0:
                 raise InputError("audio", f"{name!r} holds no audio frames", row=row, file=archive.filename)
             sound.read(min(sound.frames, sound.samplerate), dtype="float32")
+        return
     except InputError:
         raise
     except Exception as err:  # soundfile raises several types for undecodable input
-        raise InputError("audio", f"{name!r} does not decode as audio ({err})", row=row, file=archive.filename) from None
+        problem = str(err)
+    # Not something libsndfile reads (video, AAC, ...): the trainers decode it with ffmpeg, so
+    # ask ffprobe whether there is an audio stream in it at all.
+    if _has_audio_stream(data.getvalue(), PurePosixPath(name).suffix):
+        return
+    raise InputError("audio", f"{name!r} does not decode as audio ({problem})", row=row, file=archive.filename)
+
+
+def _has_audio_stream(data: bytes, suffix: str) -> bool:
+    if shutil.which("ffprobe") is None:
+        return False
+    with tempfile.NamedTemporaryFile(suffix=suffix) as tmp:
+        tmp.write(data)
+        tmp.flush()
+        probe = subprocess.run(
+            ["ffprobe", "-v", "error", "-select_streams", "a", "-show_entries", "stream=codec_type", "-of", "csv=p=0", tmp.name],
+            capture_output=True, text=True, timeout=60,
+        )
+    return probe.returncode == 0 and "audio" in probe.stdout

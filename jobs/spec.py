@@ -12,7 +12,9 @@ MODEL_NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 
 
 class Task(StrEnum):
-    audio_classification = "audio_classification"
+    audio_classification = "audio_classification"  # CSV audio,label -> a classifier
+    asr = "asr"  # CSV audio,text -> a CTC speech recogniser
+    transcribe = "transcribe"  # CSV audio + a stored ASR version -> transcripts (no new model)
 
 
 class Hyperparameters(BaseModel):
@@ -79,5 +81,6 @@ class JobMessage(BaseModel):
     job_id: str
     spec: JobSpec
     inputs: JobInputs
+    trainer: str = "audio"  # built-in image/trainer folder: audio (PyTorch) or keras; spec.image wins
     base_version: int | None = None  # `spec.base` resolved at submit time
     submitted_at: datetime

@@ -159,6 +159,15 @@ class ModelStore:
     def record_job_outcome(self, job_id: str, outcome: dict) -> None:
         self.put_json(f"jobs/{job_id}/outcome.json", outcome)
 
+    def publish_job_outputs(self, job_id: str, output_dir: Path) -> list[str]:
+        """A job's result files that are not a model (a transcription's CSV and report)."""
+        names = []
+        for path in sorted(output_dir.glob("*")):
+            if path.is_file():
+                self.put_file(f"jobs/{job_id}/outputs/{path.name}", path, _content_type(path))
+                names.append(path.name)
+        return names
+
     # ---- models ---------------------------------------------------------------------------
 
     @staticmethod

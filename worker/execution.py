@@ -6,7 +6,7 @@ import threading
 from dataclasses import dataclass, field
 
 from jobs.events import EventType, JobState
-from jobs.spec import JobMessage
+from jobs.spec import JobMessage, Task
 from jobs.settings import Settings
 from models_store import ModelStore
 from worker.events import EventPublisher, parse_trainer_line
@@ -16,9 +16,6 @@ from worker.staging import stage_inputs
 from worker.workspace import Workspace
 
 log = logging.getLogger(__name__)
-
-TRAINER_FOR_TASK = {"audio_classification": "audio"}
-
 
 @dataclass
 class JobExecution:
@@ -55,7 +52,7 @@ class JobExecution:
             wanted = resources.gpus if resources.gpus is not None else min(1, self.gpus.total)
             with self.gpus.lease(wanted, cancel=self.cancel) as gpu_ids:  # waits while none is free
                 request = RunRequest(
-                    job_id=job_id, workspace=workspace, trainer=TRAINER_FOR_TASK[spec.task], image=spec.image,
+                    job_id=job_id, workspace=workspace, trainer=self.message.trainer, image=spec.image,
                     gpus=gpu_ids, deadline_s=resources.deadline_s or self.settings.job_deadline_s,
                     limits=ResourceLimits(
                         memory_bytes=resources.memory_mb * 1024**2 if resources.memory_mb else None,
@@ -65,7 +62,11 @@ class JobExecution:
                 with log_path.open("a") as train_log:
                     result = self.runner.run(request, on_line=lambda line: self._relay(line, train_log), cancel=self.cancel)
             self.store.put_file(f"jobs/{job_id}/train.log", log_path, "text/plain")
-            if result.outcome == Outcome.succeeded:
+            if result.outcome == Outcome.succeeded and spec.task == Task.transcribe:
+                # A transcription makes no model: its outputs (transcripts, report) belong to the job.
+                names = self.store.publish_job_outputs(job_id, workspace.output_data)
+                outcome = {"state": JobState.succeeded, "outputs": names}
+            elif result.outcome == Outcome.succeeded:
                 info = self.store.publish_version(
                     spec.model_name, job_id, workspace.model_dir, workspace.output_data,
                     lineage={

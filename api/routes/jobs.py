@@ -21,7 +21,7 @@ def job_out(job: Job, request: Request) -> JobOut:
     return JobOut(
         id=job.id, state=job.state, task=job.task, model_name=job.model_name, spec=job.spec,
         base_version=job.base_version, progress=Progress(epoch=job.epoch, epochs=job.epochs, step=job.step),
-        metrics=job.metrics or {}, error=job.error, model_version=job.model_version, worker=job.worker,
+        metrics=job.metrics or {}, error=job.error, model_version=job.model_version, outputs=job.outputs or [], worker=job.worker,
         attempts=job.attempts, created_at=job.created_at, updated_at=job.updated_at,
         started_at=job.started_at, finished_at=job.finished_at, artifact_url=artifact,
     )
@@ -106,6 +106,16 @@ def artifact_response(store, name: str, version: int, redirect: bool):
             "Content-Length": str(store.size(key)),
         },
     )
+
+
+@router.get("/{job_id}/outputs/{name}")
+def job_output(job_id: str, name: str, session: SessionDep, store: StoreDep):
+    """A result file of a job that makes no model, e.g. a transcription's transcripts.csv and report.pdf."""
+    job = _get(session, job_id)
+    if name not in (job.outputs or []):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail={"field": "name", "error": f"job has no output {name!r}; it has {job.outputs or []}"})
+    media = {"csv": "text/csv", "pdf": "application/pdf", "json": "application/json"}.get(name.rsplit(".", 1)[-1], "application/octet-stream")
+    return StreamingResponse(store.stream(f"jobs/{job_id}/outputs/{name}"), media_type=media)
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
