@@ -3,6 +3,8 @@ that names the file, the row and the problem, and leaves nothing behind."""
 
 import csv
 import io
+import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -89,6 +91,19 @@ def read_manifest(data: bytes, task: Task, filename: str = "dataset") -> Manifes
     return Manifest(rows, counts)
 
 
+def _check_keras(fileobj: BinaryIO, filename: str) -> None:
+    """A .keras file is a zip with config.json; a Lambda layer in it is Python bytecode."""
+    try:
+        with zipfile.ZipFile(fileobj) as zf:
+            config = zf.read("config.json").decode("utf-8", "replace")
+    except (zipfile.BadZipFile, KeyError):
+        raise InputError("model", "is not a Keras v3 .keras file (a zip holding config.json)", file=filename) from None
+    finally:
+        fileobj.seek(0)
+    if re.search(r'"class_name"\s*:\s*"(Lambda|TFOpLambda)"', config):
+        raise InputError("model", "has a Lambda layer, whose Python code would run when loaded; rebuild it without Lambda layers", file=filename)
+
+
 def _relative_path(name: str, field: str, *, row: int | None = None, file: str | None = None) -> str:
     """A path that stays inside its folder: relative, no '..', no drive letters."""
     path = PurePosixPath(name.replace("\\", "/"))
@@ -159,8 +174,13 @@ def looks_like_pickle(head: bytes) -> bool:
 
 
 def check_model_upload(fileobj: BinaryIO, filename: str) -> str:
-    """The base model upload is data, never code: archives are checked like audio archives, and
-    pickles (which run code when loaded) are refused. Returns 'zip', 'tar' or 'file'."""
+    """The base model upload is data, never code: pickles (which run code when loaded), Python
+    files and configs that ask for remote code, and Keras Lambda layers (serialised bytecode) are
+    refused; archives are checked like audio archives. Returns 'zip', 'tar' or 'file' (a .keras
+    file is kept whole as a file, though it is a zip inside)."""
+    if filename.lower().endswith(".keras"):
+        _check_keras(fileobj, filename)
+        return "file"
     kind = archive_kind(fileobj)
     if kind is None:
         if looks_like_pickle(fileobj.read(2)):
@@ -173,6 +193,16 @@ def check_model_upload(fileobj: BinaryIO, filename: str) -> str:
     fileobj.seek(0)
     archive = Archive(fileobj, "model", filename)
     for name in archive.entries:
+        if name.endswith(".py"):
+            raise InputError("model", f"entry {name!r} is Python code; model uploads are data only (no trust_remote_code)", file=filename)
+        if PurePosixPath(name).name == "config.json":
+            with archive.open(name) as member:
+                try:
+                    config = json.loads(member.read())
+                except ValueError:
+                    config = {}
+            if isinstance(config, dict) and "auto_map" in config:
+                raise InputError("model", f"{name!r} asks for custom code (auto_map / trust_remote_code), which is never run here", file=filename)
         if name.endswith(PICKLE_SUFFIXES):
             with archive.open(name) as member:
                 if looks_like_pickle(member.read(2)):

@@ -61,3 +61,28 @@ def test_torch_save_archive_is_refused_as_pickle():
         zf.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
     with pytest.raises(InputError, match="pickle"):
         check_model_upload(buffer, "model.pt")
+
+
+def _zip(entries: dict[str, bytes]) -> io.BytesIO:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    buffer.seek(0)
+    return buffer
+
+
+def test_hugging_face_dir_asking_for_remote_code_is_refused():
+    config = b'{"model_type": "wav2vec2", "auto_map": {"AutoModel": "modeling_evil.EvilModel"}}'
+    with pytest.raises(InputError, match="custom code"):
+        check_model_upload(_zip({"base/config.json": config, "base/model.safetensors": b"x"}), "base.zip")
+    with pytest.raises(InputError, match="Python code"):
+        check_model_upload(_zip({"base/config.json": b"{}", "base/modeling_evil.py": b"import os"}), "base.zip")
+
+
+def test_keras_file_with_a_lambda_layer_is_refused():
+    config = b'{"class_name": "Sequential", "config": {"layers": [{"class_name": "Lambda", "config": {"function": "..."}}]}}'
+    with pytest.raises(InputError, match="Lambda"):
+        check_model_upload(_zip({"config.json": config, "model.weights.h5": b""}), "model.keras")
+    plain = b'{"class_name": "Sequential", "config": {"layers": [{"class_name": "Dense"}]}}'
+    assert check_model_upload(_zip({"config.json": plain, "model.weights.h5": b""}), "model.keras") == "file"
