@@ -110,7 +110,7 @@ def choose_trainer(spec: JobSpec, model: Upload | None, base_version: int | None
         return "keras"
     if spec.base is not None and base_version is not None:
         info = store.get_version(spec.base.model, base_version)
-        if info is not None and info.image == "builtin:keras":
+        if info is not None and info.trainer == "keras":
             return "keras"
     return "audio"
 

@@ -40,7 +40,8 @@ class VersionInfo(BaseModel):
     dataset: str  # store key of the training CSV
     base_model: str | None = None
     base_version: int | None = None
-    image: str | None = None  # trainer image (docker runner) or built-in trainer name
+    trainer: str | None = None  # built-in trainer (audio, keras) the version came out of
+    image: str | None = None  # the image it was trained in; None when trained as a host process
     metrics: dict[str, Any] = {}
     files: list[str] = []
 

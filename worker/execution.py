@@ -72,7 +72,7 @@ class JobExecution:
                     lineage={
                         "task": spec.task, "dataset": self.message.inputs.dataset,
                         "base_model": spec.base.model if spec.base else None, "base_version": self.message.base_version,
-                        "image": request.image or f"builtin:{request.trainer}",
+                        "trainer": request.trainer, "image": self.runner.image_for(request),
                     },
                 )
                 outcome = {

@@ -45,6 +45,10 @@ class RunResult:
 
 
 class Runner(Protocol):
+    def image_for(self, request: RunRequest) -> str | None:
+        """The image a request runs in (None when the trainer runs as a host process)."""
+        ...
+
     def run(self, request: RunRequest, on_line: Callable[[str], None], cancel: threading.Event) -> RunResult:
         """Run the trainer to its end. Blocks; calls `on_line` for every stdout/stderr line as it
         comes; stops the trainer when `cancel` is set or the deadline passes."""

@@ -28,6 +28,9 @@ class ProcessRunner:
         self.python = str(Path(python).absolute()) if "/" in python else python
         self.trainer_dir = Path(trainer_dir).absolute()
 
+    def image_for(self, request: RunRequest) -> str | None:
+        return None
+
     def run(self, request: RunRequest, on_line: Callable[[str], None], cancel: threading.Event) -> RunResult:
         if request.image:
             return RunResult(Outcome.failed, None, f"this worker runs built-in trainers as processes; a job naming the image "
