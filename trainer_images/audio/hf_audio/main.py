@@ -1,0 +1,244 @@
+"""Fine-tuning a Hugging Face audio classifier, step by step (the method section of a report):
+
+1. Read the paths (SM_* variables) and the hyperparameters (strings, parsed to their types).
+2. Check the base model directory is data only (no custom code, no pickles), then read its
+   feature extractor: its sampling rate is the rate every clip is resampled to.
+3. Read dataset.csv (and the validation channel's) and decode every clip once into memory.
+4. Split: honour the `split` column / validation channel, otherwise stratify with a fixed seed.
+5. Load the base with a classification head sized to the job's labels; freeze the feature encoder.
+6. Fine-tune on length-bucketed batches with early stopping on validation loss and a checkpoint
+   every epoch.
+7. Evaluate the best weights on the test split (validation if none) and plot.
+8. Save a standard transformers directory (safetensors, feature extractor, labels, card, plots)
+   and prove it: transformers.pipeline loads it and agrees with the trained model.
+
+Any failure writes a one-paragraph reason to $SM_OUTPUT_DIR/failure and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import random
+import signal
+import sys
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from audio_trainer.args import Paths
+from audio_trainer.errors import TrainerError
+from audio_trainer.main import Terminated, _on_sigterm, _write_failure
+from audio_trainer.progress import log
+
+from . import METHOD
+
+
+def _fingerprint(args, splits, base) -> str:
+    """What a checkpoint must match to be resumed: data, splits, labels, hyperparameters, base."""
+    h = hashlib.sha256()
+    h.update(json.dumps(args.to_dict(), sort_keys=True).encode())
+    h.update(json.dumps(splits.labels).encode())
+    for name in ("train", "validation"):
+        for c in getattr(splits, name):
+            h.update(f"{name}|{c.source}|{c.path}|{c.label}|{len(c.audio)}\n".encode())
+    h.update(json.dumps(base.raw_config, sort_keys=True).encode())
+    for weights in sorted(base.directory.glob("*.safetensors")):
+        h.update(f"{weights.name}|{weights.stat().st_size}\n".encode())
+    return h.hexdigest()
+
+
+def verify_with_pipeline(model, model_dir: Path, clips: list[np.ndarray], rate: int, labels: list[str]) -> float:
+    """Load the saved directory the way a user will (transformers.pipeline, nothing of ours) and
+    check it names the job's labels and scores clips as the trained model does.
+    Returns the largest probability difference."""
+    import torch
+    from transformers import pipeline
+
+    classify = pipeline("audio-classification", model=str(model_dir), device=-1)
+    if [classify.model.config.id2label[i] for i in range(len(labels))] != labels:
+        raise TrainerError("The saved model's id2label does not list the job's labels in order; it was not stored.")
+    model = model.to("cpu").eval()
+    accepted = set(inspect.signature(model.forward).parameters)
+    worst = 0.0
+    for clip in clips:
+        got = {r["label"]: r["score"] for r in classify({"raw": clip, "sampling_rate": rate}, top_k=len(labels))}
+        inputs = classify.feature_extractor(clip, sampling_rate=rate, return_tensors="pt")
+        with torch.no_grad():
+            probs = model(**{k: v for k, v in inputs.items() if k in accepted}).logits.softmax(-1)[0].numpy()
+        worst = max(worst, max(abs(got[label] - float(probs[i])) for i, label in enumerate(labels)))
+    if worst > 1e-3:
+        raise TrainerError(f"The saved model, loaded with transformers.pipeline, scores clips differently from the "
+                           f"trained model (largest probability difference {worst:.3g}); it was not stored.")
+    log(f"transformers.pipeline('audio-classification') loads {model_dir.name}/ and agrees (max |dp| {worst:.1e})")
+    return worst
+
+
+def run(paths: Paths) -> dict:
+    import torch  # imported here so argument errors are reported before torch's import cost
+
+    from audio_trainer.data import make_splits, read_manifest
+    from audio_trainer.evaluate import full_report, plot_confusion, plot_curves
+    from audio_trainer.export import copy_plots
+    from audio_trainer.loop import Runtime
+
+    from .args import parse_hyperparameters
+    from .base import inspect_base, load_feature_extractor, load_model
+    from .card import write_card
+    from .data import Collator, load_audio_at
+    from .loop import freeze, predict, train
+
+    started = time.monotonic()
+    # 1. Arguments and the machine.
+    args = parse_hyperparameters(paths)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    runtime = Runtime.choose(args, paths.num_gpus, paths.num_cpus)
+    job = paths.job()
+
+    # 2. The base model: refused before anything is loaded if it would run code.
+    if paths.base_model_dir is None:
+        raise TrainerError("Hugging Face fine-tuning needs a base model in the model channel.")
+    base = inspect_base(paths.base_model_dir)
+    feature_extractor = load_feature_extractor(base)
+    rate = int(getattr(feature_extractor, "sampling_rate", 0) or 0)
+    if rate <= 0:
+        raise TrainerError("The base model's feature extractor has no sampling_rate.")
+
+    # 3. The data, decoded once at the model's rate.
+    clips = read_manifest(paths.train_dir, "train")
+    channels = {"train": paths.train_dir}
+    if paths.validation_dir is not None:
+        val_rows = read_manifest(paths.validation_dir, "validation")
+        for c in val_rows:
+            c.split = "validation"  # the validation channel is validation, whatever its split column says
+        clips += val_rows
+        channels["validation"] = paths.validation_dir
+    load_audio_at(clips, channels, rate, workers=max(2, os.cpu_count() or 1))
+    seconds = sum(len(c.audio) for c in clips) / rate
+    log(f"decoded {len(clips)} clips ({seconds:.1f} s of audio at {rate} Hz) in {time.monotonic() - started:.1f}s")
+
+    # 4. Splits (the CNN trainer's rules; a classifier base keeps its label order).
+    splits = make_splits(clips, args.validation_fraction, args.test_fraction, args.seed, base_labels=base.labels)
+    for note in splits.notes:
+        log(note)
+    log(f"splits: {splits.sizes()}, labels: {splits.labels}")
+
+    # 5. The model: base weights, a head for these labels, the feature encoder frozen.
+    model = load_model(base, splits.labels)
+    freeze(model, args)
+    collator = Collator(feature_extractor, model)
+
+    # 6. Fine-tuning.
+    state = train(model, collator, splits.train, splits.validation, splits.labels, args, runtime,
+                  paths.checkpoint_dir, _fingerprint(args, splits, base))
+    train_seconds = time.monotonic() - started
+
+    # 7. Evaluation on held-out data.
+    eval_clips = splits.test if splits.eval_split == "test" else splits.validation
+    index = {label: i for i, label in enumerate(splits.labels)}
+    y_true = np.array([index[c.label] for c in eval_clips])
+    logits = predict(model, collator, [c.audio for c in eval_clips], runtime, args.batch_size,
+                     int(args.max_eval_length_seconds * rate))
+    report = full_report(y_true, logits.argmax(1), splits.labels)
+    counts: dict[str, dict[str, int]] = {}
+    for name in ("train", "validation", "test"):
+        for label, n in Counter(c.label for c in getattr(splits, name)).items():
+            counts.setdefault(label, {})[name] = n
+    metrics = {
+        "accuracy": report["accuracy"],
+        "macro_precision": report["macro_precision"],
+        "macro_recall": report["macro_recall"],
+        "macro_f1": report["macro_f1"],
+        "test_size": len(splits.test),
+        "train_size": len(splits.train),
+        "val_size": len(splits.validation),
+        "eval_size": len(eval_clips),
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
+        "best_val_loss": state.best_val_loss,
+        "num_labels": len(splits.labels),
+        "eval_split": splits.eval_split,
+        "stop_reason": state.stop_reason,
+        "labels": splits.labels,
+        "label_counts": counts,
+        "per_class": report["per_class"],
+        "confusion_matrix": report["confusion_matrix"],
+        "notes": splits.notes,
+        "base_model": True,
+        "method": METHOD,
+        "base_model_type": base.raw_config.get("model_type"),
+        "sampling_rate": rate,
+    }
+    out = paths.output_data_dir
+    out.mkdir(parents=True, exist_ok=True)
+    plots = [out / "training_curves.png", out / "confusion_matrix.png"]
+    plot_curves(state.history, state.best_epoch, plots[0])
+    plot_confusion(report["confusion_matrix"], splits.labels,
+                   f"{splits.eval_split} split ({len(eval_clips)} clips), accuracy {report['accuracy']:.3f}", plots[1])
+    log(f"{splits.eval_split} ({len(eval_clips)} clips): accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}")
+
+    # 8. The artifact: a transformers directory, proven loadable by transformers alone.
+    model_dir = paths.model_dir
+    model_dir.mkdir(parents=True, exist_ok=True)
+    lineage = list(base.raw_config.get("retrain_lineage") or [{
+        "base": "uploaded model",
+        "model_type": base.raw_config.get("model_type"),
+        "architectures": ",".join(base.raw_config.get("architectures") or []),
+        "name_or_path": base.raw_config.get("_name_or_path"),
+    }])
+    lineage.append({
+        "job_id": job.get("job_id"),
+        "model_name": job.get("model_name"),
+        "base": job.get("base") or ("stored version" if base.raw_config.get("retrain_lineage") else "uploaded model"),
+        "method": METHOD,
+        "labels": splits.labels,
+        "train_size": len(splits.train),
+    })
+    model.config.retrain_lineage = lineage  # travels in config.json, so the next retraining extends it
+    model.to("cpu").save_pretrained(str(model_dir), safe_serialization=True)
+    feature_extractor.save_pretrained(str(model_dir))
+    (model_dir / "labels.json").write_text(json.dumps(splits.labels))
+    check = [c.audio[: int(args.max_eval_length_seconds * rate)] for c in (eval_clips or splits.validation)][:4]
+    metrics["pipeline_max_abs_prob_diff"] = verify_with_pipeline(model, model_dir, check, rate, splits.labels)
+    metrics["training_seconds"] = round(train_seconds, 1)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    copy_plots(plots, model_dir)
+    write_card(model_dir, job=job, base=base.raw_config, labels=splits.labels, label_counts=counts,
+               hyperparameters=args.to_dict(), metrics=metrics, lineage=lineage, notes=splits.notes)
+    log(f"done in {time.monotonic() - started:.1f}s: {sorted(p.name for p in model_dir.iterdir())}")
+    return metrics
+
+
+def main() -> int:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    output_dir = Path(os.environ.get("SM_OUTPUT_DIR") or "/opt/ml/output")
+    try:
+        paths = Paths.from_env()
+        output_dir = paths.output_dir
+        run(paths)
+        return 0
+    except TrainerError as e:
+        reason = str(e)
+    except Terminated:
+        reason = ("Training was stopped by SIGTERM (cancelled or past its deadline). The last checkpoint is kept, "
+                  "so a rerun of this job resumes from it.")
+    except MemoryError:
+        reason = "The trainer ran out of memory; use a smaller batch_size (with gradient_accumulation_steps)."
+    except Exception as e:  # noqa: BLE001 - an unexpected error still gets a reason, and its traceback in the log
+        traceback.print_exc(file=sys.stderr)
+        reason = f"Unexpected trainer error: {type(e).__name__}: {e}. See the job's log lines for the traceback."
+        if "out of memory" in str(e).lower():
+            reason = f"The GPU ran out of memory ({e}); use a smaller batch_size with gradient_accumulation_steps."
+    log(f"FAILED: {reason}")
+    _write_failure(output_dir, reason)
+    return 1
+
+
+__all__ = ["main", "run"]
