@@ -130,6 +130,12 @@ class TrainingArguments:
     freq_masks: int = 2
     freq_mask_bins: int = 6
 
+    # Learning curve (learning_curve.py): also train on subsets of the training split, fit, extrapolate
+    learning_curve: bool = field(default=False, metadata={"help": "also train on 25% and 50% of the training split and fit a curve"})
+    learning_curve_metric: str = field(default="macro_f1", metadata={"help": "macro_f1 | accuracy"})
+    learning_curve_fractions: str = field(default="0.25,0.5", metadata={"help": "subset fractions, comma separated"})
+    target_metric: float = field(default=0.0, metadata={"help": "metric to reach; the curve predicts the data size (0 = none)"})
+
     # Runtime
     mixed_precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | no (GPU only)"})
 
@@ -155,6 +161,8 @@ class TrainingArguments:
             (8 <= self.n_mels <= 256, "n_mels must be between 8 and 256"),
             (self.hop_length >= 1 and self.n_fft >= self.hop_length, "need n_fft >= hop_length >= 1"),
             (self.mixed_precision in ("auto", "bf16", "fp16", "no"), "mixed_precision must be auto, bf16, fp16 or no"),
+            (self.learning_curve_metric in ("macro_f1", "accuracy"), "learning_curve_metric must be macro_f1 or accuracy"),
+            (0 <= self.target_metric <= 1, "target_metric must be between 0 and 1 (0 = none)"),
         ]
         for ok, message in checks:
             if not ok:

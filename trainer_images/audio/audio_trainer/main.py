@@ -7,6 +7,8 @@
 5. Build the model (from the base config when continuing) and copy the base weights in.
 6. Train with augmentation, early stopping on validation, a checkpoint every epoch.
 7. Evaluate the best weights on the test split (validation if none) and plot.
+   With `learning_curve=true`, train the same recipe on stratified 25% and 50% subsets of the
+   training split, fit a saturating curve and extrapolate to more data (learning_curve.py).
 8. Export model.onnx (verified against torch), weights, config, labels and the model card.
 
 Any failure writes a one-paragraph reason to $SM_OUTPUT_DIR/failure and exits non-zero.
@@ -14,6 +16,7 @@ Any failure writes a one-paragraph reason to $SM_OUTPUT_DIR/failure and exits no
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -67,6 +70,10 @@ def run(paths: Paths) -> dict:
     started = time.monotonic()
     # 1. Arguments and the machine.
     args = parse_hyperparameters(paths)
+    if args.learning_curve:
+        from .learning_curve import parse_fractions
+
+        fractions = parse_fractions(args.learning_curve_fractions)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -166,6 +173,34 @@ def run(paths: Paths) -> dict:
     plot_confusion(report["confusion_matrix"], splits.labels,
                    f"{splits.eval_split} split ({len(eval_clips)} clips), accuracy {report['accuracy']:.3f}", plots[1])
     log(f"{splits.eval_split} ({len(eval_clips)} clips): accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}")
+
+    # 7b. Learning curve: the same recipe (seed, splits, epochs, early stopping, starting point) on
+    # subsets of the training split; each subset has its own checkpoint folder, so a rerun resumes.
+    if args.learning_curve:
+        from .learning_curve import run_learning_curve
+
+        def train_and_score(subset, tag):
+            random.seed(args.seed)
+            np.random.seed(args.seed)
+            torch.manual_seed(args.seed)
+            sub_model = KeywordCNN(config)
+            if base is not None:
+                initialise_from_base(sub_model, base)
+            sub_splits = dataclasses.replace(splits, train=subset)
+            sub_state = train(sub_model, subset, splits.validation, clip_samples, args, runtime,
+                              paths.checkpoint_dir / tag, _fingerprint(args, sub_splits, base) + tag)
+            sub_model.to("cpu")
+            sub_logits = predict(sub_model, [c.audio for c in eval_clips], torch.device("cpu"), args.batch_size)
+            sub_report = full_report(y_true, sub_logits.argmax(1), splits.labels)
+            return {"accuracy": sub_report["accuracy"], "macro_f1": sub_report["macro_f1"],
+                    "epochs_run": sub_state.epoch, "best_epoch": sub_state.best_epoch}
+
+        plots.append(out / "learning_curve.png")
+        metrics["learning_curve"] = run_learning_curve(
+            train_clips=splits.train, full_point=metrics, fractions=fractions, metric=args.learning_curve_metric,
+            target=args.target_metric or None, seed=args.seed, eval_split=splits.eval_split, eval_size=len(eval_clips),
+            train_and_score=train_and_score, plot_path=plots[-1],
+            full_stopped_early=state.stop_reason.startswith("early stop"))
 
     # 8. Export.
     model_dir = paths.model_dir
