@@ -162,6 +162,10 @@ def test_restarted_worker_cleans_up_its_killed_life_and_the_job_finishes(client,
         time.sleep(0.2)
     first = {c.id for c in containers_of(docker_client, job_id)}
     docker_stack.kill("worker", signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while docker_stack.is_running("worker"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
     # The container outlives its worker (the Docker daemon owns it) ...
     assert {c.id for c in containers_of(docker_client, job_id)} == first
     docker_stack.up(["worker"])
@@ -182,7 +186,9 @@ def test_keras_model_is_retrained_in_the_keras_image(client, keyword_data, keras
     keras.models.load_model opens (run in the Keras image: the test env has no TensorFlow)."""
     code = (
         "import keras\n"
-        "m = keras.Sequential([keras.Input((None, 40)), keras.layers.Conv1D(16, 3, activation='relu'),"
+        "m = keras.Sequential([keras.Input((16000,)),"
+        " keras.layers.MelSpectrogram(num_mel_bins=40, sampling_rate=16000, sequence_stride=160),"
+        " keras.layers.Permute((2, 1)), keras.layers.Conv1D(16, 3, activation='relu'),"
         " keras.layers.GlobalAveragePooling1D(), keras.layers.Dense(3, activation='softmax')])\n"
         "m.save('/out/team.keras')\n"
     )
