@@ -108,6 +108,16 @@ def artifact_response(store, name: str, version: int, redirect: bool):
     )
 
 
+@router.get("/{job_id}/logs")
+def job_logs(job_id: str, session: SessionDep, store: StoreDep):
+    """The trainer's whole output (stdout and stderr), stored when the job ended."""
+    _get(session, job_id)
+    key = f"jobs/{job_id}/train.log"
+    if not store.exists(key):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail={"field": "job_id", "error": "no log yet: logs are stored when the trainer ends"})
+    return StreamingResponse(store.stream(key), media_type="text/plain")
+
+
 @router.get("/{job_id}/outputs/{name}")
 def job_output(job_id: str, name: str, session: SessionDep, store: StoreDep):
     """A result file of a job that makes no model, e.g. a transcription's transcripts.csv and report.pdf."""

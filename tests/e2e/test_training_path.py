@@ -77,3 +77,9 @@ def test_model_registry_lists_the_version_with_lineage(api, trained):
 def test_listing_finds_the_job_by_state(api, trained):
     page = api.get("/v1/jobs", params={"state": "succeeded", "limit": 100}).json()
     assert trained["id"] in [j["id"] for j in page["items"]]
+
+
+def test_the_trainer_log_is_kept_with_the_job(api, trained):
+    log = api.get(f"/v1/jobs/{trained['id']}/logs")
+    assert log.status_code == 200
+    assert '"epoch": 1' in log.text  # the progress lines, as the trainer printed them
