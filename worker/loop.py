@@ -85,6 +85,11 @@ class Worker:
         except ValidationError as err:
             self.dead_letter(message, f"not a valid job message: {err.errors()[0]['msg']}")
             return
+        if any(execution.job_id == job.job_id for _, execution in self.running.values()):
+            log.info("job %s delivered again while it runs here; ignoring the copy", job.job_id)
+            self.offsets.done_without_running(message)  # commits stop below the running original
+            self._commit()
+            return
         outcome = self.store.job_outcome(job.job_id)
         if outcome is not None:
             # Finished (or cancelled while queued) before: say so again, never train twice.
