@@ -65,9 +65,14 @@ def check_model_dir(directory: Path) -> dict:
         )
     config = _read_json(directory / "config.json")
     for path in files:
+        # Any JSON a transformers loader reads (config, preprocessor, tokenizer...) may carry an
+        # auto_map; other JSON (labels.json, a list) is only data.
         if path.suffix == ".json" and path.stat().st_size < 10_000_000:
-            doc = config if path == directory / "config.json" else _read_json(path)
-            if "auto_map" in doc:
+            try:
+                doc = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError):
+                continue  # not JSON transformers could read either
+            if isinstance(doc, dict) and "auto_map" in doc:
                 raise TrainerError(
                     f"The base model's {path.relative_to(directory)} has an `auto_map`: it asks for custom code "
                     f"({', '.join(sorted(doc['auto_map']))}) loaded with trust_remote_code, which is never run here. "
