@@ -486,7 +486,7 @@ def train(model, batcher: Batcher, splits: Splits, args: ASRArguments, runtime, 
           freeze: bool) -> TrainState:
     import torch
 
-    if freeze:
+    if freeze and hasattr(model, "freeze_feature_encoder"):
         # The convolutional front end of a pretrained model already extracts good features; with
         # little data, training it only adds noise (the wav2vec2 paper freezes it when fine-tuning).
         model.freeze_feature_encoder()
