@@ -67,6 +67,36 @@ BUILD_TINY_WAV2VEC2 = textwrap.dedent("""
                              return_attention_mask=True).save_pretrained(sys.argv[1])
 """)
 
+# Other architectures, tiny: an AST (log-mel patches, fixed 128 frames), a Whisper encoder
+# (log-mel padded to 30 s by its own extractor) and a bare HuBERT encoder without any head (as
+# pretrained checkpoints ship; waveforms without attention mask, as hubert-base was trained).
+BUILD_OTHER = textwrap.dedent("""
+    import sys
+    import torch
+    torch.manual_seed(0)
+    kind, out = sys.argv[1], sys.argv[2]
+    if kind == "ast":
+        from transformers import ASTConfig, ASTFeatureExtractor, ASTForAudioClassification
+        config = ASTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           max_length=128, num_mel_bins=64, frequency_stride=16, time_stride=16)
+        ASTForAudioClassification(config).save_pretrained(out, safe_serialization=True)
+        ASTFeatureExtractor(num_mel_bins=64, max_length=128).save_pretrained(out)
+    elif kind == "whisper":
+        from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForAudioClassification
+        config = WhisperConfig(d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=2,
+                               decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=80,
+                               classifier_proj_size=32)
+        WhisperForAudioClassification(config).save_pretrained(out, safe_serialization=True)
+        WhisperFeatureExtractor(feature_size=80).save_pretrained(out)
+    elif kind == "hubert":
+        from transformers import HubertConfig, HubertModel, Wav2Vec2FeatureExtractor
+        config = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                              conv_dim=(32, 32, 32), conv_stride=(5, 4, 4), conv_kernel=(10, 8, 8),
+                              num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2)
+        HubertModel(config).save_pretrained(out, safe_serialization=True)
+        Wav2Vec2FeatureExtractor(return_attention_mask=False, do_normalize=False).save_pretrained(out)
+""")
+
 # Settings measured on two CPU cores. The base's random conv stack is no pretrained feature
 # encoder, so it trains too (freeze_feature_encoder=false); the default (frozen) is checked apart.
 HPS = {"epochs": "8", "batch_size": "8", "learning_rate": "0.003", "seed": "0", "patience": "8",
@@ -259,6 +289,22 @@ def test_defaults_freeze_the_feature_encoder_and_accumulate_gradients(spoken, ti
     (line,) = progress_lines(result.stdout)
     # 56 training clips in batches of 8 = 7 forward passes; a step every 3 = 3 optimizer steps.
     assert ws.metrics()["train_size"] == 56 and line["step"] == 3
+
+
+@pytest.mark.parametrize("kind", ["ast", "whisper", "hubert"])
+def test_other_architectures_fine_tune_and_load_in_the_pipeline(kind, spoken, tmp_path):
+    base = tmp_path / kind
+    result = subprocess.run([str(TRAINER_PYTHON), "-c", BUILD_OTHER, kind, str(base)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ws = Workspace(tmp_path / "ws", spoken, {"epochs": "1", "batch_size": "8", "learning_rate": "0.001"}, base)
+    result = ws.run()
+    assert result.returncode == 0, result.stderr[-3000:]
+    # The trainer itself checks the pipeline agrees with the trained model before succeeding.
+    assert ws.metrics()["pipeline_max_abs_prob_diff"] < 1e-3
+    assert ws.metrics()["base_model_type"] == {"ast": "audio-spectrogram-transformer"}.get(kind, kind)
+    assert ("feature encoder frozen" in result.stderr) == (kind == "hubert")  # only HuBERT has a conv feature encoder
+    assert json.loads((ws.model / "config.json").read_text())["id2label"] == {str(i): w for i, w in enumerate(sorted(WORDS))}
 
 
 def _refused(tmp_path: Path, spoken: Path, base: Path) -> str:
