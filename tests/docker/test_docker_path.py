@@ -52,7 +52,8 @@ def client(docker_stack):
 
 
 def containers_of(docker_client, job_id: str):
-    return docker_client.containers.list(all=True, filters={"label": f"retrain.job_id={job_id}"})
+    # sparse: one list call, no per-container inspect that races the worker removing it.
+    return docker_client.containers.list(all=True, sparse=True, filters={"label": f"retrain.job_id={job_id}"})
 
 
 def wait_running(client, job_id, timeout=120):

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -278,6 +279,26 @@ def test_a_rerun_resumes_from_the_checkpoint_instead_of_training_again(trained):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from checkpoint after epoch 8" in result.stderr
     assert progress_lines(result.stdout) == []  # no epoch was trained again
+
+
+def test_a_job_stopped_mid_training_resumes_at_the_next_epoch(spoken, tiny_base, tmp_path):
+    hps = {**HPS, "epochs": "4"}
+    ws = Workspace(tmp_path / "ws", spoken, hps, tiny_base)
+    proc = subprocess.Popen([str(TRAINER_PYTHON), str(TRAIN)], env=ws.env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("{") and json.loads(line)["epoch"] == 2:
+                break
+        proc.send_signal(signal.SIGTERM)  # what the runners do on cancel or deadline
+        assert proc.wait(timeout=60) != 0
+    finally:
+        proc.kill()
+    assert "SIGTERM" in ws.failure.read_text()
+    result = ws.run()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from checkpoint after epoch 2" in result.stderr
+    assert [p["epoch"] for p in progress_lines(result.stdout)] == [3, 4]
 
 
 def test_defaults_freeze_the_feature_encoder_and_accumulate_gradients(spoken, tiny_base, tmp_path):
