@@ -400,7 +400,9 @@ def evaluate(model, batcher: Batcher, utts: list[Utterance], batch_size: int, ru
                 loss_sum += float(out.loss) * len(batch)
                 loss_n += len(batch)
             ids = out.logits.float().argmax(-1).cpu()
-            hyps += [" ".join(h.split()) for h in batcher.tokenizer.batch_decode(ids)]
+            # As the ASR pipeline decodes: repeats merged, blanks dropped, and no special tokens
+            # (<s>, </s>, <unk>) in the text.
+            hyps += [" ".join(h.split()) for h in batcher.tokenizer.batch_decode(ids, skip_special_tokens=True)]
             refs += [batcher.text(u) for u in batch]
             order += batch
     model.train()
