@@ -18,15 +18,20 @@ class Task(StrEnum):
 
 
 class Hyperparameters(BaseModel):
-    """Known hyperparameters get defaults and bounds; trainer-specific extras pass through."""
+    """Known hyperparameters are checked here; trainer-specific extras pass through. Anything
+    left unset takes the chosen trainer's own default (a CNN from scratch and a pretrained
+    transformer want very different learning rates), so unset fields are not sent."""
 
     model_config = ConfigDict(extra="allow")
 
-    epochs: int = Field(30, ge=1, le=10_000)
-    batch_size: int = Field(32, ge=1, le=4096)
-    learning_rate: float = Field(1e-3, gt=0, le=10)
-    seed: int = 0
-    patience: int = Field(8, ge=1, description="epochs without validation improvement before stopping")
+    epochs: int | None = Field(None, ge=1, le=10_000)
+    batch_size: int | None = Field(None, ge=1, le=4096)
+    learning_rate: float | None = Field(None, gt=0, le=10)
+    seed: int | None = None
+    patience: int | None = Field(None, ge=1, description="epochs without validation improvement before stopping")
+
+    def for_trainer(self) -> dict:
+        return self.model_dump(mode="json", exclude_none=True)
 
 
 class BaseModelRef(BaseModel):

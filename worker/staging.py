@@ -18,7 +18,7 @@ class StagingError(RuntimeError):
 def stage_inputs(store: ModelStore, message: JobMessage, workspace: Workspace) -> None:
     spec, inputs = message.spec, message.inputs
     job = {**spec.model_dump(mode="json"), "job_id": message.job_id, "base_version": message.base_version}
-    workspace.prepare(spec.hyperparameters.model_dump(mode="json"), job)
+    workspace.prepare(spec.hyperparameters.for_trainer(), job)
 
     train = workspace.channel("train")
     shutil.rmtree(train, ignore_errors=True)
