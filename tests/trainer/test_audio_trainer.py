@@ -292,8 +292,10 @@ def test_undecodable_file_and_too_few_examples_fail_with_reasons(spoken, tmp_pat
 def test_foreign_base_model_is_refused(spoken, tmp_path):
     hf = tmp_path / "hf"
     hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({"model_type": "wav2vec2", "architectures": ["Wav2Vec2ForSequenceClassification"]}))
+    # Hugging Face directories go to hf_audio (the dispatcher); a config of some other tool stays
+    # here and is refused with a reason rather than half-loaded.
+    (hf / "config.json").write_text(json.dumps({"format": "someone-elses-cnn", "layers": 4}))
     (hf / "model.safetensors").write_bytes(b"\0" * 16)
     ws = Workspace(tmp_path / "ws", spoken, HPS, base_model=hf)
     assert ws.run().returncode != 0
-    assert "Hugging Face" in ws.failure.read_text()
+    assert "an unknown model" in ws.failure.read_text()
