@@ -103,7 +103,8 @@ for image in "${IMAGES[@]}"; do
         extras=(--extra trainer)
         # The trainer checks its ONNX export with onnxruntime; until the lock's `trainer` extra
         # carries it, take it (fully pinned) from the `dev` extra, which also adds pytest & co.
-        if ! (cd "$REPO_ROOT" && uv export --frozen --extra trainer --no-emit-project --no-hashes -q) | grep -q '^onnxruntime=='; then
+        trainer_reqs=$(cd "$REPO_ROOT" && uv export --frozen --extra trainer --no-emit-project --no-hashes -q)
+        if ! grep -q '^onnxruntime==' <<<"$trainer_reqs"; then
             log "the trainer extra lacks onnxruntime: adding the dev extra to the audio image"
             extras+=(--extra dev)
         fi

@@ -315,3 +315,26 @@ def test_two_jobs_run_side_by_side(runner, test_image, make_workspace):
     (a0, a1), (b0, b1) = spans["job-a"], spans["job-b"]
     assert min(a1, b1) - max(a0, b0) > 2, spans  # they overlapped
     assert runner.list_containers() == []
+
+
+def test_cleanup_leaves_containers_of_a_live_worker_with_the_same_id(test_image, docker_client, worker_id):
+    """Two live processes sharing a worker id (a misconfiguration, or two test sessions on one
+    host) must not kill each other's containers; once the owner dies they are orphans."""
+    from worker.runners import docker as docker_runner
+
+    owner = subprocess.Popen(["sleep", "300"])
+    try:
+        start = docker_runner._process_start(owner.pid)
+        token = f"{docker_runner.socket.gethostname()}:{docker_runner._boot_id()}:{owner.pid}:{start}"
+        docker_client.containers.run(
+            test_image, ["sleep", "300"], detach=True, network_mode="none",
+            labels={"retrain.worker": worker_id, "retrain.job_id": "live-job", "retrain.owner": token},
+        )
+        runner = docker_runner.DockerRunner(worker_id=worker_id, client=docker_client, stop_timeout_s=1)
+        assert runner.cleanup_orphans() == []
+        assert [c.job_id for c in runner.list_containers()] == ["live-job"]
+    finally:
+        owner.kill()
+        owner.wait()
+    assert [c.job_id for c in runner.cleanup_orphans()] == ["live-job"]
+    assert runner.list_containers() == []

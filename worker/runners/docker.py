@@ -35,6 +35,7 @@ import collections
 import logging
 import math
 import os
+import socket
 import threading
 import time
 import uuid
@@ -55,6 +56,7 @@ LABEL_JOB = "retrain.job_id"
 LABEL_WORKER = "retrain.worker"
 LABEL_INSTANCE = "retrain.instance"
 LABEL_MANAGED = "retrain.managed"
+LABEL_OWNER = "retrain.owner"  # host:pid:process-start of the worker process that started it
 
 DEFAULT_IMAGES = {
     "audio": "retrain/trainer-audio:latest",
@@ -162,7 +164,7 @@ class DockerRunner:
             name=f"retrain-{_safe(request.job_id)}-{uuid.uuid4().hex[:6]}",
             hostname="algo-1",
             labels={LABEL_JOB: request.job_id, LABEL_WORKER: self.worker_id,
-                    LABEL_INSTANCE: self.instance, LABEL_MANAGED: "true"},
+                    LABEL_INSTANCE: self.instance, LABEL_MANAGED: "true", LABEL_OWNER: _owner_token()},
             environment=env,
             volumes=volumes,
             user=user,
@@ -337,6 +339,11 @@ class DockerRunner:
             with self._lock:
                 if c.id in self._active or c.labels.get(LABEL_INSTANCE) == self.instance:
                     continue
+            if _owner_alive(c.labels.get(LABEL_OWNER, "")):
+                # Another live process on this host uses the same worker id (a misconfiguration,
+                # or two test sessions): its containers are not orphans.
+                log.warning("container %s has worker id %s but its worker process is alive: left alone", c.name, wid)
+                continue
             info = ContainerInfo(c.id, c.name, c.labels.get(LABEL_JOB, ""), wid, c.status)
             log.warning("removing orphan container %s of job %s (%s)", c.name, info.job_id, c.status)
             try:
@@ -349,6 +356,39 @@ class DockerRunner:
             except DockerException as exc:
                 log.warning("could not remove orphan %s: %s", c.name, exc)
         return removed
+
+
+def _process_start(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks since boot
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _owner_token() -> str:
+    return f"{socket.gethostname()}:{_boot_id()}:{os.getpid()}:{_process_start(os.getpid()) or ''}"
+
+
+def _owner_alive(token: str) -> bool:
+    """True when the token names a process of this host, this boot, that is still running (same
+    pid and start time, so a recycled pid does not count)."""
+    try:
+        host, boot, pid, start = token.rsplit(":", 3)
+    except ValueError:
+        return False
+    if host != socket.gethostname() or boot != _boot_id() or not start:
+        return False
+    if int(pid) == os.getpid():
+        return False  # our own process: a previous runner object in it is gone
+    return _process_start(int(pid)) == start
 
 
 def _safe(job_id: str) -> str:
