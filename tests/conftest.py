@@ -92,3 +92,25 @@ def extract_artifact(data: bytes, dest: Path) -> Path:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tar:
         tar.extractall(dest, filter="data")
     return dest
+
+
+def onnx_heldout_accuracy(model_dir: Path, csv_path: Path) -> tuple[float, list[str]]:
+    """Accuracy of a downloaded model.onnx, with onnxruntime alone, on the clips a CSV names
+    (the held-out voices). Returns (accuracy, the model's labels)."""
+    import csv
+    import json
+
+    import numpy as np
+    import onnxruntime as ort
+    import soundfile
+
+    labels = json.loads((model_dir / "labels.json").read_text())
+    session = ort.InferenceSession(str(model_dir / "model.onnx"))
+    rows = list(csv.DictReader(csv_path.open()))
+    correct = 0
+    for row in rows:
+        audio, rate = soundfile.read(csv_path.parent / row["audio"], dtype="float32")
+        assert rate == 16000
+        logits = session.run(["logits"], {"waveform": audio[None, :]})[0]
+        correct += labels[int(np.argmax(logits[0]))] == row["label"]
+    return correct / len(rows), labels

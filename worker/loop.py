@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 from pydantic import ValidationError
 
 from jobs.events import ControlCommand
-from jobs.kafka import ensure_topics, make_consumer, make_producer, send
+from jobs.kafka import ensure_topics, make_consumer, make_producer
 from jobs.settings import Settings
 from jobs.spec import JobMessage
 from models_store import ModelStore

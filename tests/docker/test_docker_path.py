@@ -2,19 +2,15 @@
 containers on the real Docker Engine -> MinIO. Its own API and worker (own topics, bucket and
 database) beside the suite's Kafka and MinIO, two jobs at once (RETRAIN_CONCURRENCY=2)."""
 
-import csv
 import json
 import signal
 import time
 import uuid
 
-import numpy as np
-import onnxruntime as ort
 import pytest
-import soundfile
 
 from deploy.local.stack import Stack, free_port
-from tests.conftest import extract_artifact, submit, wait_for
+from tests.conftest import extract_artifact, onnx_heldout_accuracy, submit, wait_for
 from tests.docker.test_keras_image import keras_python
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
@@ -80,14 +76,8 @@ def test_audio_job_trains_in_the_audio_image(client, keyword_data, tmp_path):
     job = wait_for(client, job_id, timeout=900)
     assert job["state"] == "succeeded", job["error"]
     model_dir = extract_artifact(client.get(f"/v1/jobs/{job_id}/artifact").content, tmp_path / "m")
-    labels = json.loads((model_dir / "labels.json").read_text())
-    session = ort.InferenceSession(str(model_dir / "model.onnx"))
-    rows = list(csv.DictReader(keyword_data["heldout_csv"].open()))
-    correct = 0
-    for row in rows:
-        audio, _ = soundfile.read(keyword_data["heldout_dir"] / row["audio"], dtype="float32")
-        correct += labels[int(np.argmax(session.run(None, {"waveform": audio[None, :]})[0]))] == row["label"]
-    assert correct / len(rows) >= 0.5
+    accuracy, _ = onnx_heldout_accuracy(model_dir, keyword_data["heldout_csv"])
+    assert accuracy >= 0.5
 
 
 def test_bring_your_own_image_runs_through_the_whole_path(client, keyword_data, tmp_path):
