@@ -7,9 +7,7 @@ re-uploading it, which is the service's retraining loop for Hugging Face models.
 
 import csv
 import json
-import os
 import subprocess
-import textwrap
 import zipfile
 from pathlib import Path
 

@@ -16,7 +16,6 @@ from sqlalchemy import func, select
 
 from api.db import Job, OutboxMessage
 from api.main import create_app
-from tests.conftest import WORDS
 
 pytestmark = pytest.mark.integration
 
