@@ -68,6 +68,7 @@ class ASRArguments:
     max_grad_norm: float = 1.0
     seed: int = 0
     patience: int = field(default=8, metadata={"help": "epochs without validation improvement before stopping"})
+    metric_for_best_model: str = field(default="cer", metadata={"help": "cer | wer | loss: what chooses the best epoch"})
     min_delta: float = 1e-4
 
     # Splits, used when the CSV has no `split` column (or leaves rows unassigned)
@@ -109,6 +110,7 @@ class ASRArguments:
             (self.max_seconds > 0, "max_seconds must be positive"),
             (self.freeze_feature_encoder.lower() in ("auto", "true", "false"), "freeze_feature_encoder must be auto, true or false"),
             (self.mixed_precision in ("auto", "bf16", "fp16", "no"), "mixed_precision must be auto, bf16, fp16 or no"),
+            (self.metric_for_best_model in ("cer", "wer", "loss"), "metric_for_best_model must be cer, wer or loss"),
             (self.hidden_size % self.num_attention_heads == 0, "hidden_size must be a multiple of num_attention_heads"),
             (self.hidden_size % 4 == 0 and self.conv_channels >= 8, "hidden_size must be a multiple of 4, conv_channels at least 8"),
             (0 <= self.mask_time_prob < 1 and 0 <= self.dropout < 1, "mask_time_prob and dropout must be in [0, 1)"),
@@ -332,7 +334,7 @@ def build_model(base_dir: Path | None, train_texts_raw: list[str], args: ASRArgu
 class TrainState:
     epoch: int = 0
     step: int = 0
-    best: list | None = None  # (val_wer, val_cer, val_loss) of the best epoch
+    best: list | None = None  # validation figures of the best epoch, in the order of _score
     best_epoch: int = 0
     bad_epochs: int = 0
     finished: bool = False
@@ -341,10 +343,21 @@ class TrainState:
     initial: dict = field(default_factory=dict)  # validation metrics of the untrained model
 
 
+def _score(v: dict, metric: str) -> tuple:
+    """The validation figures in the order that chooses the best epoch: the chosen metric, then the
+    others as tie-breakers.
+
+    CER is the default: a character CTC model is trained on characters, and on a small validation
+    set CER moves smoothly where WER jumps. WER also misleads early on: a model that emits nothing
+    scores WER 1.0, one that already spells half of each word ("two th") scores above 1.0 through
+    insertions, yet is much closer (its CER is lower). The tie-breakers keep early stopping from
+    ending training while a fresh model sits on the all-blank plateau and only its loss moves."""
+    order = {"cer": ("cer", "wer", "loss"), "wer": ("wer", "cer", "loss"), "loss": ("loss", "cer", "wer")}[metric]
+    return tuple(v[k] if math.isfinite(v[k]) else math.inf for k in order)
+
+
 def _better(new: tuple, best: tuple | None, delta: float) -> bool:
-    """Lower WER wins; on a WER tie lower CER, then lower loss. A fresh CTC model sits at WER 1.0 for
-    a while (it first learns to emit blanks), and the tie-breakers keep early stopping from ending
-    training while it is still learning."""
+    """Lexicographic comparison with a tolerance."""
     if best is None:
         return True
     for a, b in zip(new, best):
@@ -563,7 +576,7 @@ def train(model, batcher: Batcher, splits: Splits, args: ASRArguments, runtime, 
                   "val_loss": v["loss"], "val_wer": v["wer"], "val_cer": v["cer"],
                   "seconds": round(time.monotonic() - started, 1)}
         state.history.append(record)
-        score = tuple(x if math.isfinite(x) else math.inf for x in (v["wer"], v["cer"], v["loss"]))
+        score = _score(v, args.metric_for_best_model)
         improved = _better(score, tuple(state.best) if state.best else None, args.min_delta)
         if improved:
             state.best, state.best_epoch, state.bad_epochs = list(score), epoch, 0
@@ -759,7 +772,9 @@ def run(paths: Paths) -> dict:
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,
         "stop_reason": state.stop_reason,
-        "best_val_wer": state.best[0] if state.best else None,
+        "best_val_wer": next((h["val_wer"] for h in state.history if h["epoch"] == state.best_epoch), None),
+        "best_val_cer": next((h["val_cer"] for h in state.history if h["epoch"] == state.best_epoch), None),
+        "metric_for_best_model": args.metric_for_best_model,
         "initial_val_wer": state.initial.get("val_wer"),
         "initial_val_cer": state.initial.get("val_cer"),
         "vocab_size": len(vocab),
