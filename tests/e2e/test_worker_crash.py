@@ -59,6 +59,11 @@ def test_killed_worker_job_finishes_once_on_the_next_worker(service, api, keywor
         time.sleep(0.2)
     assert trainer_processes(workspace) == []
 
+    # Start the next worker only once the killed one is gone (else `up` sees it still running).
+    deadline = time.monotonic() + 10
+    while service.is_running("worker"):
+        assert time.monotonic() < deadline, "the killed worker did not go away"
+        time.sleep(0.1)
     service.up(["worker"])
     job = wait_for(api, job_id, timeout=600)
     assert job["state"] == "succeeded", job["error"]
