@@ -67,6 +67,12 @@ def test_fresh_keras_model_trains_in_the_image(fresh_model, keras_image, docker_
     metrics = json.loads((ws.output_data / "metrics.json").read_text())
     assert {"accuracy", "macro_f1", "macro_precision", "macro_recall", "confusion_matrix", "per_class"} <= set(metrics)
     assert metrics["accuracy"] >= 0.75, metrics["accuracy"]  # two tone bands an octave+ apart
+    # Reported on a held-out test split, never on the clips that drove early stopping.
+    assert metrics["eval_split"] == "test" and metrics["eval_size"] == metrics["test_size"] > 0
+    assert sum(map(sum, metrics["confusion_matrix"]["matrix"])) == metrics["test_size"]
+    for name in ("training_curves.png", "confusion_matrix.png"):
+        assert (ws.model_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "test split" in (ws.model_dir / "model_card.md").read_text()
 
     # The artifact loads with plain Keras (safe mode) and takes raw audio.
     out = tmp_path / "check"

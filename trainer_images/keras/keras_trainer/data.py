@@ -37,6 +37,12 @@ def read_rows(csv_path: Path) -> list[tuple[Path, str]]:
     return rows
 
 
+def read_splits(csv_path: Path) -> list[str]:
+    """The optional `split` column (train/validation/test), '' where absent, in row order."""
+    with csv_path.open(newline="") as f:
+        return [(row.get("split") or "").strip() for row in csv.DictReader(f)]
+
+
 def _resample(x: np.ndarray, sr: int, target: int) -> np.ndarray:
     if sr == target or x.size == 0:
         return x

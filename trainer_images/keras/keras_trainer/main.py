@@ -23,11 +23,11 @@ import traceback
 
 import numpy as np
 
-from .data import find_csv, load_waveforms, read_rows, stratified_split
+from .data import find_csv, load_waveforms, read_rows, read_splits, stratified_split
 from .errors import TrainerError
 from .model import adapt_head, base_labels, build_fresh, find_base_model, load_base, waveform_length
 from .paths import HParams, Paths
-from .report import classification_report
+from .report import classification_report, model_card, write_plots
 
 _START = time.monotonic()
 
@@ -61,14 +61,26 @@ def run(paths: Paths) -> dict:
     n_samples = waveform_length(base) if base is not None else int(round(hp.sample_rate * hp.clip_seconds))
     log(f"base model: {base_path.name if base_path else 'none (fresh CNN)'}; clip {n_samples} samples at {hp.sample_rate} Hz")
 
-    train_rows = read_rows(find_csv(paths.channels["train"]))
-    x, y_names = load_waveforms(train_rows, hp.sample_rate, n_samples)
-    labels = sorted(set(y_names))
+    # Honest evaluation: the CSV's `split` column when it has one; otherwise a seeded stratified
+    # test split is held out first, and validation (early stopping) is carved from the rest.
+    train_csv = find_csv(paths.channels["train"])
+    train_rows = read_rows(train_csv)
+    x_all, names_all = load_waveforms(train_rows, hp.sample_rate, n_samples)
+    labels = sorted(set(names_all))
     if len(labels) < 2:
         raise TrainerError(f"the training data has only one class ({labels[0]}): at least two are needed")
     index = {label: i for i, label in enumerate(labels)}
-    y = np.array([index[n] for n in y_names], dtype=np.int64)
-
+    y_all = np.array([index[n] for n in names_all], dtype=np.int64)
+    splits = np.array(read_splits(train_csv))
+    if any(splits != ""):
+        tr, va, te = (np.flatnonzero(np.isin(splits, names)) for names in (("train", ""), ("validation",), ("test",)))
+    else:
+        rest, te = stratified_split(names_all, hp.test_fraction, hp.seed)
+        tr_rel, va_rel = stratified_split([names_all[i] for i in rest], hp.validation_fraction, hp.seed + 1)
+        tr, va = rest[tr_rel], rest[va_rel]
+        if "validation" in paths.channels:  # a validation channel replaces the carved one
+            tr, va = np.concatenate([tr, va]).astype(int), np.array([], dtype=int)
+    x, y, x_val, y_val, x_test, y_test = x_all[tr], y_all[tr], x_all[va], y_all[va], x_all[te], y_all[te]
     if "validation" in paths.channels:
         val_rows = read_rows(find_csv(paths.channels["validation"]))
         x_val, val_names = load_waveforms(val_rows, hp.sample_rate, n_samples)
@@ -76,10 +88,7 @@ def run(paths: Paths) -> dict:
         if unknown:
             raise TrainerError(f"validation labels not in the training data: {', '.join(unknown[:10])}")
         y_val = np.array([index[n] for n in val_names], dtype=np.int64)
-    else:
-        tr, va = stratified_split(y_names, hp.validation_fraction, hp.seed)
-        x, y, x_val, y_val = x[tr], y[tr], x[va], y[va]
-    log(f"{len(x)} training and {len(x_val)} validation clips, {len(labels)} classes: {', '.join(labels[:20])}")
+    log(f"{len(x)} training, {len(x_val)} validation and {len(x_test)} test clips, {len(labels)} classes: {', '.join(labels[:20])}")
 
     if base is not None:
         model = adapt_head(base, labels, base_labels(base_path), hp.freeze_base, log)
@@ -110,10 +119,16 @@ def run(paths: Paths) -> dict:
     history = model.fit(x, y, batch_size=hp.batch_size, epochs=hp.epochs, shuffle=True, verbose=0,
                         validation_data=(x_val, y_val) if has_val else None, callbacks=callbacks)
 
-    eval_x, eval_y = (x_val, y_val) if has_val else (x, y)
+    # Reported on the test split (never seen in training or early stopping); validation only
+    # when the data left no test clips, and the report says which.
+    if len(x_test):
+        eval_split, eval_x, eval_y = "test", x_test, y_test
+    else:
+        eval_split, eval_x, eval_y = ("validation", x_val, y_val) if has_val else ("train", x, y)
     pred = model.predict(eval_x, batch_size=hp.batch_size, verbose=0).argmax(axis=1)
     report = classification_report(eval_y, pred, labels)
-    report["evaluated_on"] = "validation" if has_val else "train"
+    report.update(eval_split=eval_split, test_size=int(len(x_test)), train_size=int(len(x)), val_size=int(len(x_val)),
+                  eval_size=int(len(eval_x)))
     report["epochs_run"] = len(history.history.get("loss", []))
     report["loss_curves"] = {k: [_clean(v) for v in vals] for k, vals in history.history.items()}
     report["base_model"] = base_path.name if base_path else None
@@ -125,7 +140,11 @@ def run(paths: Paths) -> dict:
         {"input": "mono float32 waveform in [-1, 1]", "sample_rate": hp.sample_rate, "samples": n_samples}))
     paths.output_data.mkdir(parents=True, exist_ok=True)
     (paths.output_data / "metrics.json").write_text(json.dumps(report, indent=2))
-    log(f"done: accuracy {report['accuracy']:.3f}, macro F1 {report['macro_f1']:.3f} on {report['evaluated_on']}")
+    plots = write_plots(report, paths.model_dir)
+    for plot in plots:
+        (paths.output_data / plot.name).write_bytes(plot.read_bytes())
+    (paths.model_dir / "model_card.md").write_text(model_card(report, hp, labels, base_path.name if base_path else None))
+    log(f"done: accuracy {report['accuracy']:.3f}, macro F1 {report['macro_f1']:.3f} on the {report['eval_split']} split ({report['eval_size']} clips)")
     return report
 
 

@@ -52,6 +52,7 @@ class HParams:
     sample_rate: int = 16000
     clip_seconds: float = 1.0
     validation_fraction: float = 0.2
+    test_fraction: float = 0.15
     patience: int = 5
     seed: int = 0
     freeze_base: bool = False
