@@ -199,8 +199,11 @@ def _parse(name: str, raw, kind: type):
         raise TrainerError(f"Hyperparameter {name}={raw!r} is not a valid {kind.__name__}.") from None
 
 
-def parse_hyperparameters(paths: Paths) -> TrainingArguments:
-    """hyperparameters.json first (the contract's file), SM_HPS when the file is absent."""
+def read_arguments(cls, paths: Paths, quiet: frozenset[str] = frozenset()):
+    """hyperparameters.json (the contract's file; SM_HPS when it is absent) into the dataclass
+    `cls`. SageMaker passes strings, so each value is parsed back to its field's type; names the
+    dataclass does not have are logged (unless in `quiet`) and ignored. Every trainer in this
+    image reads its arguments through here."""
     source = paths.input_config_dir / "hyperparameters.json"
     raw: dict = {}
     if source.exists():
@@ -216,14 +219,20 @@ def parse_hyperparameters(paths: Paths) -> TrainingArguments:
     if not isinstance(raw, dict):
         raise TrainerError("hyperparameters must be a JSON object of name -> string value")
 
-    types = {f.name: f.type for f in dataclasses.fields(TrainingArguments)}
     kinds = {"int": int, "float": float, "bool": bool, "str": str}
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     values = {}
     for name, value in raw.items():
         if name not in types:
-            log(f"ignoring hyperparameter {name}={value!r}: this trainer does not use it")
+            if name not in quiet:
+                log(f"ignoring hyperparameter {name}={value!r}: this trainer does not use it")
             continue
-        values[name] = _parse(name, value, kinds[str(types[name])])
-    args = TrainingArguments(**values)
-    args.validate()
+        values[name] = _parse(name, value, kinds[types[name]])
+    args = cls(**values)
+    if hasattr(args, "validate"):
+        args.validate()
     return args
+
+
+def parse_hyperparameters(paths: Paths) -> TrainingArguments:
+    return read_arguments(TrainingArguments, paths)

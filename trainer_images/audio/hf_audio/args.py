@@ -8,13 +8,10 @@ Unknown names are logged and ignored: the service may pass keys meant for anothe
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from dataclasses import dataclass, field
 
-from audio_trainer.args import Paths, _parse
+from audio_trainer.args import Paths, read_arguments
 from audio_trainer.errors import TrainerError
-from audio_trainer.progress import log
 
 
 @dataclass
@@ -82,27 +79,4 @@ class FineTuningArguments:
 
 
 def parse_hyperparameters(paths: Paths) -> FineTuningArguments:
-    """hyperparameters.json first (the contract's file), SM_HPS when the file is absent."""
-    source = paths.input_config_dir / "hyperparameters.json"
-    raw: dict = {}
-    try:
-        if source.exists():
-            raw = json.loads(source.read_text())
-        elif os.environ.get("SM_HPS"):
-            raw = json.loads(os.environ["SM_HPS"])
-    except ValueError as e:
-        raise TrainerError(f"The hyperparameters are not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise TrainerError("hyperparameters must be a JSON object of name -> string value")
-
-    kinds = {"int": int, "float": float, "bool": bool, "str": str}
-    types = {f.name: kinds[str(f.type)] for f in dataclasses.fields(FineTuningArguments)}
-    values = {}
-    for name, value in raw.items():
-        if name not in types:
-            log(f"ignoring hyperparameter {name}={value!r}: Hugging Face fine-tuning does not use it")
-            continue
-        values[name] = _parse(name, value, types[name])
-    args = FineTuningArguments(**values)
-    args.validate()
-    return args
+    return read_arguments(FineTuningArguments, paths)

@@ -8,7 +8,6 @@ three methods of the audio image read the contract identically.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import os
 import signal
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from audio_trainer.args import Paths, _parse
+from audio_trainer.args import Paths, read_arguments
 from audio_trainer.errors import TrainerError
 from audio_trainer.progress import emit_progress
 
@@ -43,33 +42,9 @@ def log(message: str) -> None:
 # Arguments
 
 def parse_arguments(cls, paths: Paths, quiet: set[str] = frozenset()):
-    """hyperparameters.json (or SM_HPS) into the dataclass `cls`. SageMaker passes strings, so every
-    value is parsed back to its field's type. Unknown names are logged and ignored: the service
-    always passes its defaults (epochs, batch_size...) whatever the trainer."""
-    source = paths.input_config_dir / "hyperparameters.json"
-    raw: dict = {}
-    try:
-        if source.exists():
-            raw = json.loads(source.read_text())
-        elif os.environ.get("SM_HPS"):
-            raw = json.loads(os.environ["SM_HPS"])
-    except ValueError as e:
-        raise TrainerError(f"The hyperparameters are not valid JSON: {e}") from None
-    if not isinstance(raw, dict):
-        raise TrainerError("hyperparameters must be a JSON object of name -> string value")
-    kinds = {"int": int, "float": float, "bool": bool, "str": str}
-    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
-    values = {}
-    for name, value in raw.items():
-        if name not in types:
-            if name not in quiet:
-                log(f"ignoring hyperparameter {name}={value!r}: this job does not use it")
-            continue
-        values[name] = _parse(name, value, kinds[types[name]])
-    args = cls(**values)
-    if hasattr(args, "validate"):
-        args.validate()
-    return args
+    """The job's hyperparameters into `cls` (audio_trainer.args.read_arguments: strings parsed
+    back to their types, unknown names logged and ignored)."""
+    return read_arguments(cls, paths, frozenset(quiet))
 
 
 # --------------------------------------------------------------------------------------------
