@@ -22,7 +22,6 @@ from scipy.signal import resample_poly
 
 from . import SAMPLE_RATE
 from .errors import TrainerError
-from .progress import log
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {

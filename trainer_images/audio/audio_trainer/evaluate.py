@@ -6,6 +6,7 @@ chose an epoch); metrics.json states which split and how large it was.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +15,8 @@ matplotlib.use("Agg")  # no display in a training container
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from .progress import log  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
     accuracy_score,
     classification_report,
@@ -115,3 +118,43 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], title: str, path:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def held_out_report(splits, state, eval_clips, logits: np.ndarray, out_dir: Path) -> tuple[dict, list[Path]]:
+    """What every classifier in this image reports on its held-out split: metrics.json's common
+    keys (sizes, best epoch, per-class, confusion matrix) and the curve and confusion PNGs."""
+    index = {label: i for i, label in enumerate(splits.labels)}
+    y_true = np.array([index[c.label] for c in eval_clips])
+    report = full_report(y_true, logits.argmax(1), splits.labels)
+    counts: dict[str, dict[str, int]] = {}
+    for name in ("train", "validation", "test"):
+        for label, n in Counter(c.label for c in getattr(splits, name)).items():
+            counts.setdefault(label, {})[name] = n
+    metrics = {
+        "accuracy": report["accuracy"],
+        "macro_precision": report["macro_precision"],
+        "macro_recall": report["macro_recall"],
+        "macro_f1": report["macro_f1"],
+        "test_size": len(splits.test),
+        "train_size": len(splits.train),
+        "val_size": len(splits.validation),
+        "eval_size": len(eval_clips),
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
+        "best_val_loss": state.best_val_loss,
+        "num_labels": len(splits.labels),
+        "eval_split": splits.eval_split,
+        "stop_reason": state.stop_reason,
+        "labels": splits.labels,
+        "label_counts": counts,
+        "per_class": report["per_class"],
+        "confusion_matrix": report["confusion_matrix"],
+        "notes": splits.notes,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    plots = [out_dir / "training_curves.png", out_dir / "confusion_matrix.png"]
+    plot_curves(state.history, state.best_epoch, plots[0])
+    plot_confusion(report["confusion_matrix"], splits.labels,
+                   f"{splits.eval_split} split ({len(eval_clips)} clips), accuracy {report['accuracy']:.3f}", plots[1])
+    log(f"{splits.eval_split} ({len(eval_clips)} clips): accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}")
+    return metrics, plots

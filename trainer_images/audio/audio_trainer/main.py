@@ -25,7 +25,6 @@ import signal
 import sys
 import time
 import traceback
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +61,7 @@ def run(paths: Paths) -> dict:
 
     from .base import initialise_from_base, load_base
     from .data import load_audio, make_splits, read_manifest
-    from .evaluate import full_report, plot_confusion, plot_curves, predict
+    from .evaluate import held_out_report, predict
     from .export import copy_plots, export_onnx, save_weights, write_card
     from .loop import Runtime, train
     from .model import KeywordCNN, ModelConfig
@@ -136,47 +135,14 @@ def run(paths: Paths) -> dict:
     # 7. Evaluation on held-out data.
     model.to("cpu")
     eval_clips = splits.test if splits.eval_split == "test" else splits.validation
-    index = {label: i for i, label in enumerate(splits.labels)}
-    y_true = np.array([index[c.label] for c in eval_clips])
     logits = predict(model, [c.audio for c in eval_clips], torch.device("cpu"), args.batch_size)
-    report = full_report(y_true, logits.argmax(1), splits.labels)
-    counts: dict[str, dict[str, int]] = {}
-    for name in ("train", "validation", "test"):
-        for label, n in Counter(c.label for c in getattr(splits, name)).items():
-            counts.setdefault(label, {})[name] = n
-    metrics = {
-        "accuracy": report["accuracy"],
-        "macro_precision": report["macro_precision"],
-        "macro_recall": report["macro_recall"],
-        "macro_f1": report["macro_f1"],
-        "test_size": len(splits.test),
-        "train_size": len(splits.train),
-        "val_size": len(splits.validation),
-        "eval_size": len(eval_clips),
-        "best_epoch": state.best_epoch,
-        "epochs_run": state.epoch,
-        "best_val_loss": state.best_val_loss,
-        "num_labels": len(splits.labels),
-        "eval_split": splits.eval_split,
-        "stop_reason": state.stop_reason,
-        "labels": splits.labels,
-        "label_counts": counts,
-        "per_class": report["per_class"],
-        "confusion_matrix": report["confusion_matrix"],
-        "notes": splits.notes,
-        "base_model": bool(base),
-    }
-    out = paths.output_data_dir
-    out.mkdir(parents=True, exist_ok=True)
-    plots = [out / "training_curves.png", out / "confusion_matrix.png"]
-    plot_curves(state.history, state.best_epoch, plots[0])
-    plot_confusion(report["confusion_matrix"], splits.labels,
-                   f"{splits.eval_split} split ({len(eval_clips)} clips), accuracy {report['accuracy']:.3f}", plots[1])
-    log(f"{splits.eval_split} ({len(eval_clips)} clips): accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}")
+    metrics, plots = held_out_report(splits, state, eval_clips, logits, paths.output_data_dir)
+    metrics["base_model"] = bool(base)
 
     # 7b. Learning curve: the same recipe (seed, splits, epochs, early stopping, starting point) on
     # subsets of the training split; each subset has its own checkpoint folder, so a rerun resumes.
     if args.learning_curve:
+        from .evaluate import full_report
         from .learning_curve import run_learning_curve
 
         def train_and_score(subset, tag):
@@ -191,11 +157,12 @@ def run(paths: Paths) -> dict:
                               paths.checkpoint_dir / tag, _fingerprint(args, sub_splits, base) + tag)
             sub_model.to("cpu")
             sub_logits = predict(sub_model, [c.audio for c in eval_clips], torch.device("cpu"), args.batch_size)
+            y_true = np.array([splits.labels.index(c.label) for c in eval_clips])
             sub_report = full_report(y_true, sub_logits.argmax(1), splits.labels)
             return {"accuracy": sub_report["accuracy"], "macro_f1": sub_report["macro_f1"],
                     "epochs_run": sub_state.epoch, "best_epoch": sub_state.best_epoch}
 
-        plots.append(out / "learning_curve.png")
+        plots.append(paths.output_data_dir / "learning_curve.png")
         metrics["learning_curve"] = run_learning_curve(
             train_clips=splits.train, full_point=metrics, fractions=fractions, metric=args.learning_curve_metric,
             target=args.target_metric or None, seed=args.seed, eval_split=splits.eval_split, eval_size=len(eval_clips),
@@ -217,9 +184,9 @@ def run(paths: Paths) -> dict:
     check = [c.audio for c in (eval_clips or splits.validation)][:8]
     metrics["onnx_max_abs_diff"] = export_onnx(model, model_dir / "model.onnx", check)
     metrics["training_seconds"] = round(train_seconds, 1)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (paths.output_data_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     copy_plots(plots, model_dir)
-    write_card(model_dir, job=job, labels=splits.labels, label_counts=counts, hyperparameters=args.to_dict(),
+    write_card(model_dir, job=job, labels=splits.labels, label_counts=metrics["label_counts"], hyperparameters=args.to_dict(),
                metrics=metrics, lineage=lineage, notes=splits.notes, config=config.to_json())
     log(f"done in {time.monotonic() - started:.1f}s: {sorted(p.name for p in model_dir.iterdir())}")
     return metrics

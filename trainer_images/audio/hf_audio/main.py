@@ -26,7 +26,6 @@ import signal
 import sys
 import time
 import traceback
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +82,7 @@ def run(paths: Paths) -> dict:
     import torch  # imported here so argument errors are reported before torch's import cost
 
     from audio_trainer.data import make_splits, read_manifest
-    from audio_trainer.evaluate import full_report, plot_confusion, plot_curves
+    from audio_trainer.evaluate import held_out_report
     from audio_trainer.export import copy_plots
     from audio_trainer.loop import Runtime
 
@@ -142,47 +141,15 @@ def run(paths: Paths) -> dict:
 
     # 7. Evaluation on held-out data.
     eval_clips = splits.test if splits.eval_split == "test" else splits.validation
-    index = {label: i for i, label in enumerate(splits.labels)}
-    y_true = np.array([index[c.label] for c in eval_clips])
     logits = predict(model, collator, [c.audio for c in eval_clips], runtime, args.batch_size,
                      int(args.max_eval_length_seconds * rate))
-    report = full_report(y_true, logits.argmax(1), splits.labels)
-    counts: dict[str, dict[str, int]] = {}
-    for name in ("train", "validation", "test"):
-        for label, n in Counter(c.label for c in getattr(splits, name)).items():
-            counts.setdefault(label, {})[name] = n
-    metrics = {
-        "accuracy": report["accuracy"],
-        "macro_precision": report["macro_precision"],
-        "macro_recall": report["macro_recall"],
-        "macro_f1": report["macro_f1"],
-        "test_size": len(splits.test),
-        "train_size": len(splits.train),
-        "val_size": len(splits.validation),
-        "eval_size": len(eval_clips),
-        "best_epoch": state.best_epoch,
-        "epochs_run": state.epoch,
-        "best_val_loss": state.best_val_loss,
-        "num_labels": len(splits.labels),
-        "eval_split": splits.eval_split,
-        "stop_reason": state.stop_reason,
-        "labels": splits.labels,
-        "label_counts": counts,
-        "per_class": report["per_class"],
-        "confusion_matrix": report["confusion_matrix"],
-        "notes": splits.notes,
+    metrics, plots = held_out_report(splits, state, eval_clips, logits, paths.output_data_dir)
+    metrics.update({
         "base_model": True,
         "method": METHOD,
         "base_model_type": base.raw_config.get("model_type"),
         "sampling_rate": rate,
-    }
-    out = paths.output_data_dir
-    out.mkdir(parents=True, exist_ok=True)
-    plots = [out / "training_curves.png", out / "confusion_matrix.png"]
-    plot_curves(state.history, state.best_epoch, plots[0])
-    plot_confusion(report["confusion_matrix"], splits.labels,
-                   f"{splits.eval_split} split ({len(eval_clips)} clips), accuracy {report['accuracy']:.3f}", plots[1])
-    log(f"{splits.eval_split} ({len(eval_clips)} clips): accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f}")
+    })
 
     # 8. The artifact: a transformers directory, proven loadable by transformers alone.
     model_dir = paths.model_dir
@@ -208,9 +175,9 @@ def run(paths: Paths) -> dict:
     check = [c.audio[: int(args.max_eval_length_seconds * rate)] for c in (eval_clips or splits.validation)][:4]
     metrics["pipeline_max_abs_prob_diff"] = verify_with_pipeline(model, model_dir, check, rate, splits.labels)
     metrics["training_seconds"] = round(train_seconds, 1)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (paths.output_data_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     copy_plots(plots, model_dir)
-    write_card(model_dir, job=job, base=base.raw_config, labels=splits.labels, label_counts=counts,
+    write_card(model_dir, job=job, base=base.raw_config, labels=splits.labels, label_counts=metrics["label_counts"],
                hyperparameters=args.to_dict(), metrics=metrics, lineage=lineage, notes=splits.notes)
     log(f"done in {time.monotonic() - started:.1f}s: {sorted(p.name for p in model_dir.iterdir())}")
     return metrics
