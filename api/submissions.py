@@ -14,7 +14,7 @@ from api.validation import Archive, InputError, check_audio_files, check_model_u
 from jobs.events import EventType, JobEvent, JobState, utcnow
 from jobs.settings import Settings
 from jobs.spec import JobInputs, JobMessage, JobSpec, Task
-from models_store import ModelStore
+from models_store import ModelStore, VersionInfo
 
 
 @dataclass
@@ -47,11 +47,12 @@ def submit_job(
     if spec.image is not None and not any(spec.image.startswith(prefix) for prefix in settings.allowed_images):
         raise InputError("spec.image", f"image {spec.image!r} is not allowed here; allowed prefixes: {settings.allowed_images}")
 
-    base_version = None
+    base = None
     if spec.base is not None:
-        base_version = store.resolve(spec.base.model, spec.base.version)
-        if base_version is None:
+        base = store.find_version(spec.base.model, spec.base.version)
+        if base is None:
             raise InputError("spec.base", f"model {spec.base.model!r} has no version {spec.base.version!r}")
+    base_version = base.version if base else None
 
     if spec.task == Task.transcribe and spec.base is None and model is None:
         raise InputError("spec.base", "a transcribe job needs an ASR model: name a stored version in base, or upload one")
@@ -84,7 +85,7 @@ def submit_job(
             inputs.base_model = store.artifact_key(spec.base.model, base_version)
 
         now = utcnow()
-        trainer = choose_trainer(spec, model, base_version, store)
+        trainer = choose_trainer(model, base)
         message = JobMessage(job_id=job_id, spec=spec, inputs=inputs, trainer=trainer, base_version=base_version, submitted_at=now)
         job = Job(
             id=job_id, state=JobState.queued, task=spec.task, model_name=spec.model_name,
@@ -103,15 +104,13 @@ def submit_job(
     return job
 
 
-def choose_trainer(spec: JobSpec, model: Upload | None, base_version: int | None, store: ModelStore) -> str:
+def choose_trainer(model: Upload | None, base: VersionInfo | None) -> str:
     """Which built-in image trains the job: Keras models stay in the TensorFlow image (an
     uploaded .keras file, or a stored version that came out of it); everything else is PyTorch."""
     if model is not None and model.filename.lower().endswith(".keras"):
         return "keras"
-    if spec.base is not None and base_version is not None:
-        info = store.get_version(spec.base.model, base_version)
-        if info is not None and info.trainer == "keras":
-            return "keras"
+    if base is not None and base.trainer == "keras":
+        return "keras"
     return "audio"
 
 

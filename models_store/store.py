@@ -214,15 +214,15 @@ class ModelStore:
             raise KeyError(f"model {name!r} has no version {version}")
         self.put_json(f"models/{name}/aliases/{alias}.json", {"version": version, "updated_at": datetime.now(UTC)})
 
-    def resolve(self, name: str, version: int | str) -> int | None:
-        """A version number or an alias ('latest', 'production', ...) -> a complete version, or None."""
+    def find_version(self, name: str, version: int | str) -> VersionInfo | None:
+        """A version number or an alias ('latest', 'production', ...) -> that complete version."""
         if isinstance(version, int) or str(version).isdigit():
             number = int(version)
         else:
             number = self.aliases(name).get(str(version))
             if number is None:
                 return None
-        return number if self.get_version(name, number) else None
+        return self.get_version(name, number)
 
     def publish_version(self, name: str, job_id: str, model_dir: Path, output_dir: Path, lineage: dict) -> VersionInfo:
         """Store a trained model as the next version of `name` and move `latest` to it.

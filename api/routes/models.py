@@ -12,8 +12,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
 def _version(store, name: str, version: str) -> VersionInfo:
-    number = store.resolve(name, version)
-    info = store.get_version(name, number) if number is not None else None
+    info = store.find_version(name, version)
     if info is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail={"field": "version", "error": f"model {name!r} has no version {version!r}"})
     return info

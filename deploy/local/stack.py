@@ -515,8 +515,8 @@ log4j.logger.kafka.log=WARN
     def _start_worker(self, name: str) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         # A stable id per named worker: a restarted worker finds the containers of its last life.
-        env = {**self._service_env(), "RETRAIN_WORKER_ID": f"{socket.gethostname()}-{name}"}
-        env.update({k: v for k, v in self.extra_env.items() if k == "RETRAIN_WORKER_ID"})
+        worker_id = self.extra_env.get("RETRAIN_WORKER_ID", f"{socket.gethostname()}-{name}")
+        env = {**self._service_env(), "RETRAIN_WORKER_ID": worker_id}
         self._spawn(name, [self.python, "-m", "worker"], env, ())
 
     # --- readiness
