@@ -54,6 +54,18 @@ class Settings(BaseSettings):
     container_pids: int = 4096
     container_shm_mb: int = 2048
 
+    # ---- Bounds on what clients upload (CSV, archives, model uploads) ---------------------------
+    # (archive reader and CSV limits go here)
+
+    # ---- Bounds on the job spec and the API's requests ------------------------------------------
+    # (spec size, hyperparameter names/values, outbox limits go here)
+
+    # ---- Bounds on what a trainer emits, and the sandbox ---------------------------------------
+    # (progress line size, log volume, output sizes, resource caps go here)
+
+    # ---- Job lifecycle: leases, attempts, retries -------------------------------------------------
+    # (lease, attempt cap and retry settings go here)
+
 
 @lru_cache
 def get_settings() -> Settings:
