@@ -1,7 +1,8 @@
 """One bucket, laid out so a person can browse it:
 
     jobs/<job id>/inputs/dataset.csv | audio.<zip|tar.gz> | model.<ext>   what the client uploaded
-    jobs/<job id>/outcome.json                                           written once the job finished
+    jobs/<job id>/outcome.json                                           how the job ended; written once, first writer wins
+    jobs/<job id>/lease.json                                             which worker runs it now (renewed while it runs)
     jobs/<job id>/train.log                                              the trainer's output
     models/<name>/versions/<N>/claim.json                                who took version N (first writer wins)
     models/<name>/versions/<N>/model.tar.gz                              the artifact (SageMaker's layout)
@@ -16,17 +17,35 @@ import tarfile
 import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+import re
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
-from minio.error import S3Error
+from minio.error import InvalidResponseError, S3Error, ServerError
 from pydantic import BaseModel
 
+from jobs.lifecycle import Outcome
 from jobs.settings import Settings
 
 PART_SIZE = 16 * 1024 * 1024  # multipart chunk: bounds memory for uploads of unknown length
+MAX_CONTROL_BYTES = 1024 * 1024  # outcome, lease, alias and version records are small JSON
+VERSION_NUMBER = re.compile(r"[0-9]{1,9}")
+
+
+# S3 error codes that mean "the store is not able to answer now", not "your request is wrong".
+_UNAVAILABLE_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "XMinioServerNotInitialized",
+                      "XMinioStorageFull", "XMinioReadQuorum", "XMinioWriteQuorum"}
+
+
+def store_unavailable(err: BaseException) -> bool:
+    """True when `err` says the store is down or overloaded (retry later, answer 503), as opposed
+    to a refusal of this request."""
+    if isinstance(err, S3Error):
+        return err.code in _UNAVAILABLE_CODES
+    return isinstance(err, (urllib3.exceptions.HTTPError, ServerError, InvalidResponseError, ConnectionError, TimeoutError))
 
 
 class VersionInfo(BaseModel):
@@ -92,7 +111,7 @@ class ModelStore:
                 return None
             raise
         try:
-            return json.loads(response.read())
+            return json.loads(response.read(MAX_CONTROL_BYTES))
         finally:
             response.close()
             response.release_conn()
@@ -135,18 +154,42 @@ class ModelStore:
         """Write a small JSON object only if nothing is there yet (S3 conditional write,
         If-None-Match: *). True when this call created it. This is how two workers finishing jobs
         for the same model at once never take the same version number."""
+        return self.put_if(key, value, etag=None) is not None
+
+    def put_if(self, key: str, value: Any, etag: str | None) -> str | None:
+        """Write a small JSON object only if the object is still the one with `etag` (If-Match),
+        or, with etag None, only if there is none (If-None-Match: *). Returns the new object's
+        ETag, or None when another writer came first."""
         data = json.dumps(value, default=str).encode()
+        condition = {"If-None-Match": "*"} if etag is None else {"If-Match": etag}
         try:
             # The SDK's put_object does not pass conditional headers; its request method does.
-            self.client._execute(
+            response = self.client._execute(
                 "PUT", self.bucket, key, body=data,
-                headers={"If-None-Match": "*", "Content-Type": "application/json", "Content-Length": str(len(data))},
+                headers={**condition, "Content-Type": "application/json", "Content-Length": str(len(data))},
             )
-            return True
+            return response.headers.get("ETag") or "?"
         except S3Error as err:
-            if err.code in ("PreconditionFailed", "ConditionalRequestConflict"):
-                return False
+            if err.code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                return None
             raise
+
+    def get_json_tagged(self, key: str) -> tuple[Any, str] | None:
+        """A JSON object and its ETag (for a later `put_if`), or None when there is none."""
+        try:
+            response = self.client.get_object(self.bucket, key)
+        except S3Error as err:
+            if err.code == "NoSuchKey":
+                return None
+            raise
+        try:
+            return json.loads(response.read(MAX_CONTROL_BYTES)), response.headers.get("ETag", "")
+        finally:
+            response.close()
+            response.release_conn()
+
+    def delete(self, key: str) -> None:
+        self.client.remove_object(self.bucket, key)
 
     # ---- jobs -----------------------------------------------------------------------------
 
@@ -154,11 +197,18 @@ class ModelStore:
     def job_prefix(job_id: str) -> str:
         return f"jobs/{job_id}/"
 
-    def job_outcome(self, job_id: str) -> dict | None:
-        return self.get_json(f"jobs/{job_id}/outcome.json")
+    def job_outcome(self, job_id: str) -> Outcome | None:
+        raw = self.get_json(f"jobs/{job_id}/outcome.json")
+        return Outcome.model_validate(raw) if raw is not None else None
 
-    def record_job_outcome(self, job_id: str, outcome: dict) -> None:
-        self.put_json(f"jobs/{job_id}/outcome.json", outcome)
+    def record_job_outcome(self, job_id: str, outcome: Outcome | dict) -> Outcome:
+        """Write the job's outcome unless it has one already (first writer wins: a cancel and a
+        finishing run can race, a stale run never overwrites). Returns the job's outcome: this
+        one, or the one that was there first."""
+        outcome = outcome if isinstance(outcome, Outcome) else Outcome.model_validate(outcome)
+        if self.put_if_absent(f"jobs/{job_id}/outcome.json", outcome.record()):
+            return outcome
+        return self.job_outcome(job_id)
 
     def publish_job_outputs(self, job_id: str, output_dir: Path) -> list[str]:
         """A job's result files that are not a model (a transcription's CSV and report)."""
@@ -216,7 +266,7 @@ class ModelStore:
 
     def find_version(self, name: str, version: int | str) -> VersionInfo | None:
         """A version number or an alias ('latest', 'production', ...) -> that complete version."""
-        if isinstance(version, int) or str(version).isdigit():
+        if isinstance(version, int) or VERSION_NUMBER.fullmatch(str(version)):
             number = int(version)
         else:
             number = self.aliases(name).get(str(version))
@@ -256,8 +306,19 @@ class ModelStore:
             metrics=metrics, files=files, **lineage,
         )
         self.put_json(prefix + "version.json", info.model_dump(mode="json"))  # the commit point
-        self.put_json(f"models/{name}/aliases/latest.json", {"version": version, "updated_at": info.created_at})
+        self._advance_latest(name, version)
         return info
+
+    def _advance_latest(self, name: str, version: int) -> None:
+        """Move `latest` to `version` unless it already points at a newer one: two jobs that
+        finish out of order never move it backwards (compare-and-swap on the alias object)."""
+        key = f"models/{name}/aliases/latest.json"
+        while True:
+            current = self.get_json_tagged(key)
+            if current is not None and int(current[0].get("version", 0)) >= version:
+                return
+            if self.put_if(key, {"version": version, "updated_at": datetime.now(UTC)}, current[1] if current else None):
+                return
 
     def _claim_version(self, name: str, job_id: str) -> int:
         numbers = self._version_numbers(name)

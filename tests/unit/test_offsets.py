@@ -37,3 +37,30 @@ def test_partitions_are_independent():
     tracker.started(FakeMessage(10, partition=1))
     tracker.done_without_running(FakeMessage(3, partition=0))
     assert positions(tracker) == {(0, 4)}
+
+
+def test_a_copy_of_a_running_job_does_not_release_its_offset():
+    # concurrency 2: offset 4 runs, a rebalance hands us offset 4 again while 5 finished.
+    tracker = OffsetTracker()
+    running, other = FakeMessage(4), FakeMessage(5)
+    tracker.started(running)
+    tracker.started(other)
+    tracker.done_without_running(FakeMessage(4))  # the copy
+    tracker.finished(other)
+    assert positions(tracker) == {(0, 4)}
+    tracker.finished(running)
+    assert positions(tracker) == {(0, 6)}
+
+
+def test_a_revoked_partition_keeps_its_running_jobs_below_any_commit():
+    from confluent_kafka import TopicPartition
+
+    tracker = OffsetTracker()
+    tracker.started(FakeMessage(7))
+    tracker.finished(FakeMessage(6))
+    tracker.forget([TopicPartition("jobs", 0)])
+    assert positions(tracker) == set()  # the new owner commits it, not us
+    # The partition comes back; the copy of the running job arrives again, another job finishes.
+    tracker.done_without_running(FakeMessage(7))
+    tracker.finished(FakeMessage(8))
+    assert positions(tracker) == {(0, 7)}
