@@ -55,7 +55,21 @@ class Settings(BaseSettings):
     container_shm_mb: int = 2048
 
     # ---- Bounds on what clients upload (CSV, archives, model uploads) ---------------------------
-    # (archive reader and CSV limits go here)
+    # A submission over one of these is refused before anything is stored: 413 for a size, 422
+    # otherwise, naming the field, file and row. Archives are read by jobs/archive.py in a child
+    # process capped at archive_cpu_seconds of CPU, archive_memory_bytes of address space and
+    # archive_timeout_s of wall time, in the API and the worker alike.
+    csv_max_rows: int = 100_000  # data rows in the dataset CSV (the header not counted)
+    csv_max_field_chars: int = 8192  # one CSV field (an audio path, a label, an ASR transcript)
+    csv_max_labels: int = 1000  # distinct labels of a classification CSV
+    csv_max_label_chars: int = 200  # one label
+    archive_max_entries: int = 100_000  # entries (files and folders) in one archive
+    archive_max_total_bytes: int = 8 * 1024**3  # all entries unpacked, summed over every entry
+    archive_max_ratio: float = 50.0  # unpacked bytes / archive bytes, over the whole archive
+    archive_cpu_seconds: int = 120  # CPU time of one archive read (RLIMIT_CPU of the reader)
+    archive_memory_bytes: int = 1024**3  # address space of the reader process (RLIMIT_AS)
+    archive_timeout_s: float = 300.0  # wall-clock time of one archive read
+    model_config_max_bytes: int = 4 * 1024**2  # a config.json (or *_config.json) read from a model upload
 
     # ---- Bounds on the job spec and the API's requests ------------------------------------------
     # (spec size, hyperparameter names/values, outbox limits go here)
