@@ -36,3 +36,39 @@ def test_events_for_unknown_jobs_are_ignored(tmp_path):
     db = Database(f"sqlite:///{tmp_path}/t.db")
     with db.sessions() as session:
         apply_event(session, JobEvent(job_id="nope", type=EventType.started))
+
+
+import pytest
+from pydantic import ValidationError
+
+
+@pytest.mark.parametrize("type, data", [
+    (EventType.progress, {"epoch": "1; DROP TABLE jobs", "epochs": 3}),
+    (EventType.progress, {"epoch": 2**70}),
+    (EventType.progress, {"metrics": {"val_accuracy": "high"}}),
+    (EventType.progress, {"metrics": {"x" * 500: 0.5}}),
+    (EventType.progress, {"metrics": [1, 2]}),
+    (EventType.started, {"worker": "w" * 10_000}),
+    (EventType.succeeded, {"model_version": "latest"}),
+    (EventType.succeeded, {"model_version": 3, "outputs": "transcripts.csv"}),
+    (EventType.failed, {"reason": {"nested": "object"}}),
+])
+def test_an_event_with_data_of_the_wrong_shape_changes_nothing(tmp_path, type, data):
+    db = Database(f"sqlite:///{tmp_path}/t.db")
+    make_job(db)
+    apply(db, EventType.started, worker="w1")
+    with pytest.raises(ValidationError):
+        apply(db, type, **data)
+    with db.sessions() as session:
+        job = session.query(Job).filter_by(id="j1").one()
+    assert (job.state, job.epoch, job.metrics, job.model_version, job.worker) == ("running", None, {}, None, "w1")
+
+
+def test_cancelled_is_final_and_the_reason_is_kept(tmp_path):
+    db = Database(f"sqlite:///{tmp_path}/t.db")
+    make_job(db)
+    job = apply(db, EventType.cancelled, reason="cancelled by the user")
+    assert (job.state, job.error) == ("cancelled", "cancelled by the user")
+    # A worker that had started it meanwhile reports late: the cancel stands.
+    assert apply(db, EventType.started, worker="w2").state == "cancelled"
+    assert apply(db, EventType.succeeded, model_version=1).state == "cancelled"
