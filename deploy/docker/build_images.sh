@@ -43,9 +43,12 @@ export DOCKER_BUILDKIT=0
 exec 9>"$DOCKER_CACHE/build.lock"
 flock 9
 
-ensure_dockerd
+# What outlives this script must not inherit fd 9, or it holds the build lock for its whole life
+# (a dockerd started here did: the next build, e.g. `make test` after `make images`, waited
+# forever). So dockerd is started with fd 9 closed; make_base.sh runs under our lock without it.
+ensure_dockerd 9>&-
 if [ "$ONLINE" = 0 ]; then
-    bash "$REPO_ROOT/deploy/docker/make_base.sh"
+    bash "$REPO_ROOT/deploy/docker/make_base.sh" 9>&-
 fi
 
 SERVER_PID=""
@@ -54,7 +57,7 @@ trap stop_server EXIT
 
 start_wheel_server() {
     [ -z "$SERVER_PID" ] || return 0
-    python3 -m http.server --bind 127.0.0.1 --directory "$WHEELS" "$WHEEL_PORT" >"$DOCKER_CACHE/wheel-server.log" 2>&1 &
+    python3 -m http.server --bind 127.0.0.1 --directory "$WHEELS" "$WHEEL_PORT" >"$DOCKER_CACHE/wheel-server.log" 2>&1 9>&- &
     SERVER_PID=$!
     local i
     for i in $(seq 1 50); do
