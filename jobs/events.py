@@ -2,9 +2,9 @@
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from jobs.spec import SCHEMA_VERSION
 
@@ -52,7 +52,8 @@ class JobEvent(BaseModel):
 
     data by type:
       started    {"worker": str, "attempt": int}
-      progress   {"epoch": int, "epochs": int, "step": int, "metrics": {name: float}}  (trainer's line)
+      progress   ProgressRecord.event_data(): {"epoch": int, "epochs": int, "step": int,
+                 "metrics": {name: float | None}, "phase": str}, each key optional (validated)
       log        {"line": str}
       succeeded  {"model_name": str, "model_version": int, "metrics": {...}}
       failed     {"reason": str}
@@ -64,6 +65,41 @@ class JobEvent(BaseModel):
     type: EventType
     time: datetime = Field(default_factory=utcnow)
     data: dict[str, Any] = Field(default_factory=dict)
+
+
+# ---- What a trainer may say about its progress -------------------------------------------------
+# A trainer is outside code (a bring-your-own image runs anything), so its progress record is
+# checked against this schema before it becomes an event; the bounds keep every value inside the
+# job record's columns (32-bit integers in PostgreSQL) and the record small.
+
+PROGRESS_MAX_EPOCH = 1_000_000
+PROGRESS_MAX_STEP = 2**31 - 1
+PROGRESS_MAX_METRICS = 64
+METRIC_NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.:/-]{0,63}$"
+
+MetricName = Annotated[str, StringConstraints(pattern=METRIC_NAME_PATTERN)]
+FiniteFloat = Annotated[float, Field(strict=True, allow_inf_nan=False, ge=-1e300, le=1e300)]
+
+
+class ProgressRecord(BaseModel):
+    """One progress record as a trainer sends it (trainer_images/CONTRACT.md, "Progress").
+
+    Every key is optional, no other key is allowed (so a record can never set an event's
+    `job_id` or `type`: the worker sets those), integers are JSON integers (not strings, floats
+    or booleans) within the bounds below, and metric values are finite numbers or null.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epoch: int | None = Field(None, strict=True, ge=0, le=PROGRESS_MAX_EPOCH)
+    epochs: int | None = Field(None, strict=True, ge=0, le=PROGRESS_MAX_EPOCH)
+    step: int | None = Field(None, strict=True, ge=0, le=PROGRESS_MAX_STEP)
+    metrics: dict[MetricName, FiniteFloat | None] = Field(default_factory=dict, max_length=PROGRESS_MAX_METRICS)
+    phase: Annotated[str, StringConstraints(pattern=r"^[^\x00-\x1f\x7f]{1,64}$")] | None = None  # a label, no control characters
+
+    def event_data(self) -> dict[str, Any]:
+        """The `data` of the progress event: only the keys the trainer set."""
+        return self.model_dump(exclude_none=True, exclude_defaults=False)
 
 
 class ControlCommand(BaseModel):

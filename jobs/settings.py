@@ -75,7 +75,37 @@ class Settings(BaseSettings):
     # (spec size, hyperparameter names/values, outbox limits go here)
 
     # ---- Bounds on what a trainer emits, and the sandbox ---------------------------------------
-    # (progress line size, log volume, output sizes, resource caps go here)
+    # A trainer is outside code (bring-your-own images): everything it prints or writes is
+    # bounded here (worker/events.py, worker/outputs.py, worker/runners/).
+    # A progress line (`retrain-progress <token> <json>`) longer than this is a log line.
+    progress_line_max_bytes: int = 16 * 1024
+    # Log lines are cut to this many characters (in events and in train.log).
+    trainer_log_line_max_chars: int = 2000
+    # Log events per job on retrain.job-events: a token bucket (rate, burst) and a total cap;
+    # lines over them still go to train.log (within its cap) and are counted in a final note.
+    trainer_log_events_per_s: float = 20.0
+    trainer_log_events_burst: int = 200
+    trainer_log_events_max: int = 10_000
+    # Progress events per job: at most this many per second (the latest record waits its turn).
+    trainer_progress_events_per_s: float = 5.0
+    # train.log as the worker writes it: its first part up to this size, then only the last
+    # lines (a quarter of it, at most 1 MiB) and a note of what was left out.
+    trainer_log_file_max_bytes: int = 64 * 1024**2
+    # What the worker takes from the trainer's model dir and output/data (regular files only;
+    # links, FIFOs and devices are skipped): more files or bytes than this fail the job.
+    output_max_files: int = 10_000
+    output_max_bytes: int = 32 * 1024**3
+    # Small files the worker reads itself (output/failure, metrics.json).
+    output_small_file_max_bytes: int = 1024**2
+    # Caps on a job's spec.resources (worker side; a job asking for more fails with a reason).
+    # Unset: memory = half of this host's RAM, cpus = this host's CPU count, gpus = the worker's.
+    # These caps are also the process runner's limits when the spec leaves a resource unset.
+    job_max_memory_mb: int | None = None
+    job_max_cpus: float | None = None
+    job_max_gpus: int | None = None
+    job_max_deadline_s: int = 48 * 3600
+    # Process runner only (RLIMIT_FSIZE): the largest file a trainer process may write.
+    process_max_file_mb: int = 16 * 1024
 
     # ---- Job lifecycle: leases, attempts, retries -------------------------------------------------
     # (lease, attempt cap and retry settings go here)

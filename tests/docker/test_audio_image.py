@@ -9,6 +9,8 @@ import threading
 import pytest
 
 from tests.docker.conftest import tone_dataset
+from jobs.events import EventType
+from worker.events import parse_trainer_line
 from worker.runners.base import Outcome, ResourceLimits, RunRequest
 from worker.workspace import Workspace
 
@@ -38,7 +40,8 @@ def test_audio_trainer_image_trains_a_tiny_model(audio_image, runner, tmp_path):
                          limits=ResourceLimits(memory_bytes=6 * 2**30, cpus=2), deadline_s=900)
     result = runner.run(request, lines.append, threading.Event())
     assert result.outcome is Outcome.succeeded, (result, lines[-30:])
-    progress = [json.loads(line) for line in lines if line.startswith("{")]
+    parsed = [parse_trainer_line(line, request.progress_token) for line in lines]
+    progress = [p.data for p in parsed if p.type == EventType.progress]
     assert progress and progress[0]["epoch"] == 1 and "metrics" in progress[0], lines[-30:]
     assert json.loads((ws.model_dir / "labels.json").read_text()) == labels
     assert (ws.model_dir / "model.onnx").exists(), sorted(p.name for p in ws.model_dir.iterdir())

@@ -10,6 +10,8 @@ import threading
 import pytest
 
 from tests.docker.conftest import tone_dataset
+from jobs.events import EventType
+from worker.events import parse_trainer_line
 from worker.runners.base import Outcome, ResourceLimits, RunRequest
 from worker.workspace import Workspace
 
@@ -28,19 +30,20 @@ def keras_python(client, image: str, code: str, out_dir):
     ).decode()
 
 
+TOKEN = "0123456789abcdef0123456789abcdef"  # the runs' progress token, so the lines can be read back
+
+
 def run_keras(runner, ws: Workspace, image: str):
     lines: list[str] = []
-    result = runner.run(RunRequest(job_id=ws.root.name, workspace=ws, trainer="keras", image=image, limits=LIMITS),
-                        lines.append, threading.Event())
+    result = runner.run(RunRequest(job_id=ws.root.name, workspace=ws, trainer="keras", image=image, limits=LIMITS,
+                                   progress_token=TOKEN), lines.append, threading.Event())
     return result, lines
 
 
 def progress(lines):
-    out = []
-    for line in lines:
-        if line.startswith("{"):
-            out.append(json.loads(line))
-    return out
+    """The progress records among the lines, read as the worker reads them."""
+    parsed = [parse_trainer_line(line, TOKEN) for line in lines]
+    return [p.data for p in parsed if p.type == EventType.progress]
 
 
 @pytest.fixture(scope="module")

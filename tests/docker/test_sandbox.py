@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from jobs.events import EventType
+from worker.events import parse_trainer_line
 from worker.runners.base import Outcome, ResourceLimits, RunRequest
 
 pytestmark = pytest.mark.docker
@@ -20,9 +22,13 @@ pytestmark = pytest.mark.docker
 REPO = Path(__file__).resolve().parents[2]
 
 
+TOKEN = "feedfacefeedfacefeedfacefeedface"  # the runs' progress token, so the lines can be read back
+
+
 def run_job(runner, ws, image, env=None, cancel=None, **kw):
     lines: list[tuple[float, str]] = []
-    request = RunRequest(job_id=ws.root.name, workspace=ws, trainer="test", image=image, env=env or {}, **kw)
+    request = RunRequest(job_id=ws.root.name, workspace=ws, trainer="test", image=image, env=env or {},
+                         progress_token=TOKEN, **kw)
     t0 = time.monotonic()
     result = runner.run(request, lambda line: lines.append((time.monotonic() - t0, line)), cancel or threading.Event())
     return result, [line for _, line in lines], lines, time.monotonic() - t0
@@ -47,9 +53,11 @@ def test_contract_run_succeeds_and_container_is_removed(runner, test_image, make
     assert (ws.model_dir / "model.txt").read_text().startswith("rows=3 ")
     assert json.loads((ws.output_data / "metrics.json").read_text()) == {"accuracy": 1.0}
     assert (ws.checkpoints / "ckpt.txt").exists()
-    # Progress lines arrive as they are, one JSON object each.
-    progress = [o for o in json_lines(lines) if "epoch" in o]
+    # Progress lines arrive marked with the run's token (RETRAIN_PROGRESS_TOKEN), and read as progress.
+    parsed = [parse_trainer_line(line, TOKEN) for line in lines]
+    progress = [p.data for p in parsed if p.type == EventType.progress]
     assert [p["epoch"] for p in progress] == [1, 2]
+    assert all(line.startswith(f"retrain-progress {TOKEN} ") for line in lines if '"epoch"' in line)
     report = [o for o in json_lines(lines) if "env" in o][0]
     env = report["env"]
     assert env["SM_MODEL_DIR"] == "/opt/ml/model"

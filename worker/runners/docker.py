@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import os
 import socket
 import threading
@@ -47,7 +46,18 @@ import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
 from docker.types import DeviceRequest
 
-from worker.runners.base import Outcome, ResourceLimits, RunRequest, RunResult, failure_reason
+from worker.runners.base import (
+    Outcome,
+    ResourceCaps,
+    ResourceLimits,
+    ResourcesRefused,
+    RunRequest,
+    RunResult,
+    apply_caps,
+    cpu_count_for,
+    failure_reason,
+    relay_lines,
+)
 from worker.workspace import CONTAINER_ROOT, Workspace
 
 log = logging.getLogger(__name__)
@@ -85,12 +95,15 @@ class DockerRunner:
         tmp_size: str = "2g",
         stop_timeout_s: int = 5,
         runtime: str | None = None,
+        caps: ResourceCaps | None = None,
     ):
         """`images`: built-in trainer name -> image (request.image wins when set).
         `default_limits`: used for every limit the request leaves as None.
         `container_user`: uid:gid for containers when the worker runs as root.
         `stop_timeout_s`: SIGTERM grace before SIGKILL on cancel/timeout (keep it under 10 s).
-        `runtime`: e.g. "nvidia" on hosts with the legacy nvidia runtime instead of the CDI/hook."""
+        `runtime`: e.g. "nvidia" on hosts with the legacy nvidia runtime instead of the CDI/hook.
+        `caps`: the most a job may ask for (default: Settings.job_max_*); a job over a cap fails
+        with a reason, and a limit left unset by the job and the defaults becomes the cap."""
         self.worker_id = worker_id
         # Every running job holds two streaming connections (logs, wait): a roomy pool.
         self.client = client or docker.from_env(timeout=120, max_pool_size=64)
@@ -100,6 +113,11 @@ class DockerRunner:
         self.tmp_size = tmp_size
         self.stop_timeout_s = stop_timeout_s
         self.runtime = runtime
+        if caps is None:
+            from jobs.settings import get_settings
+
+            caps = ResourceCaps.from_settings(get_settings())
+        self.caps = caps
         self.instance = uuid.uuid4().hex[:12]
         self._active: set[str] = set()
         self._lock = threading.Lock()
@@ -115,13 +133,8 @@ class DockerRunner:
             return False
 
     def _limits(self, request: RunRequest) -> ResourceLimits:
-        req, dflt = request.limits, self.default_limits
-        return ResourceLimits(
-            memory_bytes=req.memory_bytes if req.memory_bytes is not None else dflt.memory_bytes,
-            cpus=req.cpus if req.cpus is not None else dflt.cpus,
-            pids=req.pids if req.pids is not None else dflt.pids,
-            shm_bytes=req.shm_bytes if req.shm_bytes is not None else dflt.shm_bytes,
-        )
+        """The request's limits, runner defaults filling what it leaves unset, within the caps."""
+        return apply_caps(request, self.caps, self.default_limits).limits
 
     def _user(self) -> str:
         if os.getuid() != 0:
@@ -149,10 +162,10 @@ class DockerRunner:
         ws = request.workspace
         limits = self._limits(request)
         cpus = limits.cpus
-        env = ws.sm_env(CONTAINER_ROOT, num_gpus=len(request.gpus),
-                        num_cpus=max(1, math.ceil(cpus)) if cpus else None)
+        env = ws.sm_env(CONTAINER_ROOT, num_gpus=len(request.gpus), num_cpus=cpu_count_for(limits))
         env["HOME"] = "/tmp"
         env.update(request.env)
+        env.update(request.trainer_env())  # the progress token: last, nothing overrides it
         volumes = {
             str((ws.root / "input").resolve()): {"bind": str(CONTAINER_ROOT / "input"), "mode": "ro"},
             str(ws.model_dir.resolve()): {"bind": str(CONTAINER_ROOT / "model"), "mode": "rw"},
@@ -204,6 +217,10 @@ class DockerRunner:
             return RunResult(Outcome.failed, None, f"Docker Engine not reachable: {exc}")
         if cancel.is_set():
             return RunResult(Outcome.cancelled, None, "cancelled before the container started")
+        try:
+            request = apply_caps(request, self.caps, self.default_limits)
+        except ResourcesRefused as err:
+            return RunResult(Outcome.failed, None, str(err))
 
         user = self._user()
         self._prepare_dirs(request.workspace, user)
@@ -302,27 +319,14 @@ class DockerRunner:
 
     @staticmethod
     def _pump_logs(container, on_line: Callable[[str], None], tail) -> None:
-        """stdout and stderr, line by line, as the trainer writes them."""
-        buf = b""
-
-        def emit(raw: bytes) -> None:
-            line = raw.decode("utf-8", errors="replace").rstrip("\r")
-            tail.append(line)
-            try:
-                on_line(line)
-            except Exception:
-                log.exception("on_line callback failed")
-
+        """stdout and stderr, line by line, as the trainer writes them; lines are bounded and a
+        bad line or a failing callback never ends the reading (worker.runners.base.relay_lines)."""
         try:
-            for chunk in container.logs(stream=True, follow=True, stdout=True, stderr=True):
-                buf += chunk
-                while b"\n" in buf:
-                    raw, buf = buf.split(b"\n", 1)
-                    emit(raw)
+            stream = container.logs(stream=True, follow=True, stdout=True, stderr=True)
         except DockerException as exc:
-            log.warning("log stream of %s ended: %s", container.name, exc)
-        if buf:
-            emit(buf)
+            log.warning("log stream of %s did not start: %s", container.name, exc)
+            return
+        relay_lines(stream, on_line, what=f"container {container.name}", tail=tail)
 
     # ---------------------------------------------------------------- orphans
     def list_containers(self, worker_id: str | None = None) -> list[ContainerInfo]:

@@ -1,7 +1,11 @@
-"""What the worker reads: one JSON object per stdout line for progress, anything else is a log line.
+"""What the worker reads (trainer_images/CONTRACT.md, "Progress"): a progress record is the line
+`retrain-progress <RETRAIN_PROGRESS_TOKEN> <json object>`; anything else is a log line.
 
-Progress goes to stdout and is flushed at once, so the worker relays it while training runs.
-Log lines go to stderr, so they can never be mistaken for progress.
+The token is a secret the worker makes for each run, so no text this trainer prints (a label, a
+file name, a hyperparameter name from the user) can pass for progress. Without the variable (the
+trainer run by hand, or on SageMaker) the record is printed as a bare JSON line, for a reader of
+the output. Progress goes to stdout and is flushed at once, so the worker relays it while
+training runs; log lines go to stderr.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import time
 
@@ -43,5 +48,12 @@ def emit_progress(epoch: int, epochs: int, step: int, metrics: dict[str, float])
     line = {"epoch": epoch, "epochs": epochs, "step": step, "metrics": {k: _clean(v) for k, v in metrics.items()}}
     if _PHASE:
         line["phase"] = _PHASE
-    sys.stdout.write(json.dumps(line) + "\n")
+    sys.stdout.write(progress_line(line) + "\n")
     sys.stdout.flush()
+
+
+def progress_line(record: dict) -> str:
+    """The record as the contract's progress line (one line: JSON never holds a raw newline)."""
+    text = json.dumps(record, allow_nan=False, separators=(", ", ": "))
+    token = os.environ.get("RETRAIN_PROGRESS_TOKEN")
+    return f"retrain-progress {token} {text}" if token else text

@@ -42,8 +42,13 @@ def _clean(v):
 
 
 def emit_progress(epoch: int, epochs: int, step: int, metrics: dict) -> None:
-    sys.stdout.write(json.dumps({"epoch": epoch, "epochs": epochs, "step": step,
-                                 "metrics": {k: _clean(v) for k, v in metrics.items()}}) + "\n")
+    """One progress record (CONTRACT.md, "Progress"): `retrain-progress <token> <json>` with the
+    worker's RETRAIN_PROGRESS_TOKEN, so nothing else this trainer prints can pass for progress;
+    a bare JSON line when the variable is unset (run by hand, on SageMaker)."""
+    text = json.dumps({"epoch": epoch, "epochs": epochs, "step": step,
+                       "metrics": {k: _clean(v) for k, v in metrics.items()}}, allow_nan=False)
+    token = os.environ.get("RETRAIN_PROGRESS_TOKEN")
+    sys.stdout.write((f"retrain-progress {token} {text}" if token else text) + "\n")
     sys.stdout.flush()
 
 
