@@ -56,6 +56,24 @@ class OutboxMessage(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class OutboxDead(Base):
+    """An outbox row the broker refused for good (too large, an invalid topic, ...), set aside
+    by the relay so the rows behind it flow; its job, if it was a job message, is failed with
+    the reason. Kept for the operator: nothing sends these again by itself. A table of its own,
+    so a database made before it existed gains it from create_all."""
+
+    __tablename__ = "outbox_dead"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    outbox_id: Mapped[int] = mapped_column(Integer)  # the row's id in the outbox (SQLite may reuse it later)
+    topic: Mapped[str] = mapped_column(String(255))
+    key: Mapped[str] = mapped_column(String(255))
+    value: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    failed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    error: Mapped[str] = mapped_column(Text)
+
+
 class Database:
     def __init__(self, url: str):
         if url.startswith("sqlite:///"):

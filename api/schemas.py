@@ -3,7 +3,9 @@
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from jobs.spec import MAX_VERSION
 
 
 class JobCreated(BaseModel):
@@ -53,4 +55,6 @@ class ModelOut(BaseModel):
 
 
 class AliasIn(BaseModel):
-    version: int
+    model_config = ConfigDict(extra="forbid")
+
+    version: StrictInt = Field(ge=1, le=MAX_VERSION)

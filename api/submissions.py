@@ -26,13 +26,45 @@ class Upload:
     size: int
 
 
-def parse_spec(text: str) -> JobSpec:
+def parse_spec(text: str, settings: Settings | None = None) -> JobSpec:
+    """The `spec` form field -> a JobSpec, or an InputError whose field names the part at fault
+    (`spec`, `spec.task`, `spec.hyperparameters.<name>`, ...). The schema (jobs/spec.py) fixes
+    the shape; the sizes are settings: the field's bytes before it is parsed (413), the number
+    of hyperparameters (422) and each value's serialised bytes (413)."""
+    from jobs.settings import get_settings
+    from jobs.spec import HyperparameterError, serialised_size
+
+    settings = settings or get_settings()
+    limit = settings.max_spec_bytes
+    # Characters are at least one byte each: a long text is refused without encoding it.
+    if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+        raise InputError("spec", f"the spec is over the limit of {limit} bytes", status=413)
     try:
-        return JobSpec.model_validate_json(text)
+        spec = JobSpec.model_validate_json(text)
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "(root)"
-        raise InputError(f"spec.{where}" if where != "(root)" else "spec", first["msg"]) from None
+        cause = (first.get("ctx") or {}).get("error")
+        if isinstance(cause, HyperparameterError):
+            # The name as text a log line cannot be fooled by (a newline shows as \\n).
+            name = cause.name[:64].encode("unicode_escape").decode("ascii")
+            raise InputError(f"spec.hyperparameters.{name}", str(cause)) from None
+        # Union members add a tag to the location (base.version.int): not a field name.
+        loc = [str(p) for p in first["loc"]]
+        while len(loc) > 1 and (loc[-1] in ("int", "str", "float", "bool") or loc[-1].startswith(("constrained-", "function-", "literal["))):
+            loc.pop()
+        where = ".".join(loc)
+        raise InputError(f"spec.{where}" if where else "spec", first["msg"]) from None
+    hyperparameters = spec.hyperparameters
+    names = [*hyperparameters.model_fields_set, *(hyperparameters.model_extra or {})]
+    if len(names) > settings.max_hyperparameters:
+        raise InputError("spec.hyperparameters", f"{len(names)} hyperparameters; at most {settings.max_hyperparameters} are allowed")
+    for name, value in hyperparameters.for_trainer().items():
+        size = serialised_size(value)
+        if size > settings.max_hyperparameter_value_bytes:
+            raise InputError(
+                f"spec.hyperparameters.{name}",
+                f"value is {size} bytes as JSON; the limit is {settings.max_hyperparameter_value_bytes}", status=413)
+    return spec
 
 
 def submit_job(

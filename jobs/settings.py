@@ -72,7 +72,24 @@ class Settings(BaseSettings):
     model_config_max_bytes: int = 4 * 1024**2  # a config.json (or *_config.json) read from a model upload
 
     # ---- Bounds on the job spec and the API's requests ------------------------------------------
-    # (spec size, hyperparameter names/values, outbox limits go here)
+    # The spec's *shape* (identifier-like hyperparameter names, scalar or flat-list values, finite
+    # numbers, seed in 0..2**32-1, version numbers up to 999,999,999, image references) is fixed
+    # in jobs/spec.py; these are the *sizes*, checked by api.submissions.parse_spec.
+    # Bytes of the `spec` form field (UTF-8), checked before it is parsed (413 over it).
+    max_spec_bytes: int = 64 * 1024
+    # Hyperparameters in one spec, known and trainer-specific together (422 over it).
+    max_hyperparameters: int = 64
+    # Bytes of each hyperparameter value serialised as compact JSON (413 over it).
+    max_hyperparameter_value_bytes: int = 4096
+    # The API's producer refuses a message over this (librdkafka message.max.bytes; keep it at or
+    # under the broker's message.max.bytes, 1 MiB by default). A job message is its spec plus a
+    # few hundred bytes, so max_spec_bytes must stay well under it (create_app checks 16 KiB of
+    # headroom). An outbox row the broker refuses for good is set aside (outbox_dead), its job failed.
+    outbox_max_message_bytes: int = 1_000_000
+    # Outbox rows the relay takes per round, and the longest it backs off after an error (s);
+    # it also retries creating the bucket and the topics at startup with this backoff.
+    outbox_batch_size: int = 200
+    outbox_retry_max_s: float = 30.0
 
     # ---- Bounds on what a trainer emits, and the sandbox ---------------------------------------
     # A trainer is outside code (bring-your-own images): everything it prints or writes is

@@ -1,19 +1,28 @@
 """/v1/jobs: submit, follow, cancel and download."""
 
 import base64
+import binascii
+import re
+from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, UploadFile, status
+from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, UploadFile, status
 from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy import select
 
 from api.db import Job, OutboxMessage
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.schemas import JobCreated, JobList, JobOut, Progress
-from api.submissions import Upload, submit_job
+from api.submissions import Upload, parse_spec, submit_job
 from jobs.events import ControlCommand, EventType, JobEvent, JobState, utcnow
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+JobId = Annotated[str, Path(max_length=64, description="the id POST /v1/jobs answered")]
+OutputName = Annotated[str, Path(max_length=255, description="one of the job's outputs")]
+# A cursor is the URL-safe base64 of a job's seq (a positive integer that fits SQLite's INTEGER).
+Cursor = Annotated[str | None, Query(max_length=32, description="next_cursor of the previous page")]
+_CURSOR_DIGITS = re.compile(r"[0-9]{1,18}")
 
 
 def job_out(job: Job, request: Request) -> JobOut:
@@ -47,6 +56,7 @@ def create_job(
     audio: Annotated[UploadFile | None, File(description="zip or tar(.gz) of the audio files the CSV names")] = None,
     model: Annotated[UploadFile | None, File(description="optional base model (file or archive)")] = None,
 ) -> JobCreated:
+    parse_spec(spec, settings)  # this app's bounds, before any upload is looked at
     job = submit_job(spec, _upload(dataset), _upload(audio), _upload(model), store, session, settings)
     request.app.state.outbox.wake.set()
     status_url = str(request.url_for("get_job", job_id=job.id))
@@ -59,19 +69,32 @@ def list_jobs(
     session: SessionDep,
     state: JobState | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    cursor: str | None = None,
+    cursor: Cursor = None,
 ) -> JobList:
     query = select(Job).order_by(Job.seq.desc()).limit(limit + 1)
     if state is not None:
         query = query.where(Job.state == state)
     if cursor:
-        try:
-            query = query.where(Job.seq < int(base64.urlsafe_b64decode(cursor.encode()).decode()))
-        except ValueError:
-            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail={"field": "cursor", "error": "not a cursor this API gave out"}) from None
+        query = query.where(Job.seq < decode_cursor(cursor))
     jobs = session.scalars(query).all()
-    next_cursor = base64.urlsafe_b64encode(str(jobs[limit - 1].seq).encode()).decode() if len(jobs) > limit else None
+    next_cursor = encode_cursor(jobs[limit - 1].seq) if len(jobs) > limit else None
     return JobList(items=[job_out(j, request) for j in jobs[:limit]], next_cursor=next_cursor)
+
+
+def encode_cursor(seq: int) -> str:
+    return base64.urlsafe_b64encode(str(seq).encode()).decode()
+
+
+def decode_cursor(cursor: str) -> int:
+    """A cursor this API gave out -> the seq it names; anything else is a 422 (strict base64 of
+    at most 18 ASCII digits, so it always fits a 64-bit INTEGER column)."""
+    try:
+        text = base64.b64decode(cursor.encode("ascii"), altchars=b"-_", validate=True).decode("ascii")
+    except (binascii.Error, UnicodeError, ValueError):
+        text = ""
+    if not _CURSOR_DIGITS.fullmatch(text):
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail={"field": "cursor", "error": "not a cursor this API gave out"})
+    return int(text)
 
 
 def _get(session, job_id: str) -> Job:
@@ -82,12 +105,12 @@ def _get(session, job_id: str) -> Job:
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: str, request: Request, session: SessionDep) -> JobOut:
+def get_job(job_id: JobId, request: Request, session: SessionDep) -> JobOut:
     return job_out(_get(session, job_id), request)
 
 
 @router.get("/{job_id}/artifact")
-def job_artifact(job_id: str, session: SessionDep, store: StoreDep, redirect: bool = False):
+def job_artifact(job_id: JobId, session: SessionDep, store: StoreDep, redirect: bool = False):
     """The trained model as SageMaker's model.tar.gz, streamed, or a presigned URL with ?redirect=true."""
     job = _get(session, job_id)
     if job.state != JobState.succeeded or job.model_version is None:
@@ -99,33 +122,45 @@ def artifact_response(store, name: str, version: int, redirect: bool):
     key = store.artifact_key(name, version)
     if redirect:
         return RedirectResponse(store.presigned_url(key), status_code=status.HTTP_307_TEMPORARY_REDIRECT)
-    return StreamingResponse(
-        store.stream(key), media_type="application/gzip",
-        headers={
-            "Content-Disposition": f'attachment; filename="{name}-v{version}.tar.gz"',
-            "Content-Length": str(store.size(key)),
-        },
-    )
+    size = store.size(key)
+    return stream_response(store, key, "application/gzip", headers={
+        "Content-Disposition": f'attachment; filename="{name}-v{version}.tar.gz"',
+        "Content-Length": str(size),
+    })
+
+
+def stream_response(store, key: str, media_type: str, headers: dict | None = None) -> StreamingResponse:
+    """A stored object, streamed. Its first chunk is read here, before the answer's status goes
+    out, so a store that is down is a 503 and a missing object a 404 (the app's handlers), not a
+    200 that breaks off."""
+    chunks = store.stream(key)
+    first = next(chunks, b"")
+
+    def body() -> Iterator[bytes]:
+        yield first
+        yield from chunks
+
+    return StreamingResponse(body(), media_type=media_type, headers=headers)
 
 
 @router.get("/{job_id}/logs")
-def job_logs(job_id: str, session: SessionDep, store: StoreDep):
+def job_logs(job_id: JobId, session: SessionDep, store: StoreDep):
     """The trainer's whole output (stdout and stderr), stored when the job ended."""
     _get(session, job_id)
     key = f"jobs/{job_id}/train.log"
     if not store.exists(key):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail={"field": "job_id", "error": "no log yet: logs are stored when the trainer ends"})
-    return StreamingResponse(store.stream(key), media_type="text/plain")
+    return stream_response(store, key, "text/plain")
 
 
 @router.get("/{job_id}/outputs/{name}")
-def job_output(job_id: str, name: str, session: SessionDep, store: StoreDep):
+def job_output(job_id: JobId, name: OutputName, session: SessionDep, store: StoreDep):
     """A result file of a job that makes no model, e.g. a transcription's transcripts.csv and report.pdf."""
     job = _get(session, job_id)
     if name not in (job.outputs or []):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail={"field": "name", "error": f"job has no output {name!r}; it has {job.outputs or []}"})
     media = {"csv": "text/csv", "pdf": "application/pdf", "json": "application/json"}.get(name.rsplit(".", 1)[-1], "application/octet-stream")
-    return StreamingResponse(store.stream(f"jobs/{job_id}/outputs/{name}"), media_type=media)
+    return stream_response(store, f"jobs/{job_id}/outputs/{name}", media)
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
