@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.db import Job, OutboxMessage
-from api.validation import Archive, InputError, check_audio_files, check_model_upload, read_manifest
+from api.validation import Archive, InputError, UploadLimits, check_audio_files, check_model_upload, read_manifest
 from jobs.events import EventType, JobEvent, JobState, utcnow
 from jobs.settings import Settings
 from jobs.spec import JobInputs, JobMessage, JobSpec, Task
@@ -89,15 +89,15 @@ def submit_job(
     if spec.task == Task.transcribe and spec.base is None and model is None:
         raise InputError("spec.base", "a transcribe job needs an ASR model: name a stored version in base, or upload one")
 
-    manifest = read_manifest(dataset.file.read(), spec.task, dataset.filename)
-    archive = Archive(audio.file, "audio", audio.filename) if audio else None
-    try:
-        check_audio_files(manifest, archive)
-        audio_kind = archive.kind if archive else None
-    finally:
-        if archive:
-            archive.close()
-    model_kind = check_model_upload(model.file, model.filename) if model else None
+    # The uploads' bounds (jobs/settings.py); archives are read only by the bounded reader.
+    limits = UploadLimits.from_settings(settings)
+    if dataset.size > limits.csv_max_bytes:
+        raise InputError("dataset", f"is {dataset.size} bytes; the limit is {limits.csv_max_bytes}", file=dataset.filename, status=413)
+    manifest = read_manifest(dataset.file.read(), spec.task, dataset.filename, limits)
+    archive = Archive(audio.file, "audio", audio.filename, limits.archive) if audio else None
+    check_audio_files(manifest, archive)
+    audio_kind = archive.kind if archive else None
+    model_kind = check_model_upload(model.file, model.filename, limits) if model else None
 
     # Everything checked: store the uploads, then commit the job and its messages together.
     job_id = str(uuid.uuid4())

@@ -70,10 +70,11 @@ def normalize_name(name: str) -> str:
 
 
 def _name(raw: bytes, shown: str | None = None) -> str:
+    """The normalized name of raw member-name bytes, or Refused naming the entry as `shown`."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise Refused("entry name is not valid UTF-8", entry=shown or raw.decode("utf-8", "replace")) from None
+        raise Refused("entry name is not valid UTF-8", entry=raw.decode("utf-8", "replace")) from None
     try:
         return normalize_name(text)
     except ValueError as err:

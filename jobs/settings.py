@@ -59,6 +59,7 @@ class Settings(BaseSettings):
     # otherwise, naming the field, file and row. Archives are read by jobs/archive.py in a child
     # process capped at archive_cpu_seconds of CPU, archive_memory_bytes of address space and
     # archive_timeout_s of wall time, in the API and the worker alike.
+    csv_max_bytes: int = 256 * 1024**2  # the dataset CSV file
     csv_max_rows: int = 100_000  # data rows in the dataset CSV (the header not counted)
     csv_max_field_chars: int = 8192  # one CSV field (an audio path, a label, an ASR transcript)
     csv_max_labels: int = 1000  # distinct labels of a classification CSV

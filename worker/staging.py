@@ -1,11 +1,17 @@
-"""Staging: the job's inputs, from the store into a workspace laid out as the container contract."""
+"""Staging: the job's inputs, from the store into a workspace laid out as the container contract.
 
+Archives are read only through jobs.archive (the bounded reader the API validated them with):
+of the audio archive only the members the validated CSV names are extracted, next to that CSV
+and never over it; a model upload or a stored base version is extracted whole, through the same
+reader and the same bounds."""
+
+import csv
 import shutil
-import tarfile
 import tempfile
-import zipfile
 from pathlib import Path, PurePosixPath
 
+from jobs.archive import ArchiveError, ArchiveLimits, extract_archive, normalize_name
+from jobs.settings import get_settings
 from jobs.spec import JobMessage
 from models_store import ModelStore
 from worker.workspace import Workspace
@@ -15,7 +21,8 @@ class StagingError(RuntimeError):
     pass
 
 
-def stage_inputs(store: ModelStore, message: JobMessage, workspace: Workspace) -> None:
+def stage_inputs(store: ModelStore, message: JobMessage, workspace: Workspace, limits: ArchiveLimits | None = None) -> None:
+    limits = limits or ArchiveLimits.from_settings(get_settings())
     spec, inputs = message.spec, message.inputs
     job = {**spec.model_dump(mode="json"), "job_id": message.job_id, "base_version": message.base_version}
     workspace.prepare(spec.hyperparameters.for_trainer(), job)
@@ -23,46 +30,63 @@ def stage_inputs(store: ModelStore, message: JobMessage, workspace: Workspace) -
     train = workspace.channel("train")
     shutil.rmtree(train, ignore_errors=True)
     train.mkdir(parents=True)
-    store.download(inputs.dataset, train / "dataset.csv")
+    dataset = train / "dataset.csv"
+    store.download(inputs.dataset, dataset)
     if inputs.audio:
-        _fetch_and_extract(store, inputs.audio, train)
+        names = csv_audio_names(dataset)
+        extracted = _fetch_and_extract(store, inputs.audio, train, limits, names)
+        missing = sorted(names - set(extracted))
+        if missing:
+            raise StagingError(f"the audio archive lacks {len(missing)} file(s) the CSV names, e.g. {missing[0]!r}")
 
     model = workspace.channel("model")
     shutil.rmtree(model, ignore_errors=True)
     if inputs.base_model:  # a stored version: its model.tar.gz
-        _fetch_and_extract(store, inputs.base_model, model)
+        _fetch_and_extract(store, inputs.base_model, model, limits)
     elif inputs.model:  # the user's upload: an archive, or one file that keeps its name
         if inputs.model.endswith(("/model.zip", "/model.tar")):
-            _fetch_and_extract(store, inputs.model, model)
+            _fetch_and_extract(store, inputs.model, model, limits)
         else:
             model.mkdir(parents=True)
             store.download(inputs.model, model / PurePosixPath(inputs.model).name)
 
 
-def _fetch_and_extract(store: ModelStore, key: str, dest: Path) -> None:
+def csv_audio_names(path: Path) -> set[str]:
+    """The archive members the (already validated) CSV names, spelled as the reader spells them."""
+    field_limit = get_settings().csv_max_field_chars
+    if csv.field_size_limit() <= field_limit:
+        csv.field_size_limit(field_limit + 1)
+    names = set()
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fp:
+            reader = csv.reader(fp)
+            header = [h.strip() for h in next(reader, [])]
+            if "audio" not in header:
+                raise StagingError("the dataset CSV has no audio column")
+            column = header.index("audio")
+            for values in reader:
+                if len(values) > column and values[column].strip():
+                    names.add(normalize_name(values[column].strip()))
+    except (csv.Error, UnicodeDecodeError, ValueError) as err:
+        raise StagingError(f"the dataset CSV cannot be read: {err}") from None
+    return names
+
+
+def _fetch_and_extract(store: ModelStore, key: str, dest: Path, limits: ArchiveLimits, names: set[str] | None = None) -> list[str]:
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "archive"
         store.download(key, archive)
-        safe_extract(archive, dest)
+        return safe_extract(archive, dest, limits, names)
 
 
-def safe_extract(archive: Path, dest: Path) -> None:
-    """Extract a zip or tar so that nothing lands outside `dest`: no absolute paths, no '..', no
-    links or devices (tarfile's 'data' filter), whatever the archive claims."""
-    dest = dest.resolve()
-    if zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                target = (dest / info.filename).resolve()
-                if not target.is_relative_to(dest) or PurePosixPath(info.filename).is_absolute():
-                    raise StagingError(f"archive entry {info.filename!r} points outside its folder")
-            zf.extractall(dest)
-    elif tarfile.is_tarfile(archive):
-        with tarfile.open(archive, "r:*") as tar:
-            try:
-                tar.extractall(dest, filter="data")
-            except tarfile.FilterError as err:
-                raise StagingError(f"archive entry refused: {err}") from None
-    else:
-        raise StagingError(f"{archive.name} is not a zip or tar archive")
+def safe_extract(archive: Path, dest: Path, limits: ArchiveLimits | None = None, names: set[str] | None = None) -> list[str]:
+    """Extract a zip or tar through the bounded reader: every entry is checked first (relative,
+    inside, regular files only, within the count/size/ratio bounds), then only regular files are
+    written under `dest`, never through a link nor over an existing file. `names` limits it to
+    those members (all files when None). Returns the names written."""
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        return extract_archive(archive, dest, limits or ArchiveLimits.from_settings(get_settings()), names).names
+    except ArchiveError as err:
+        raise StagingError(f"archive refused: {err}") from None

@@ -3,8 +3,10 @@ import zipfile
 
 import pytest
 
-from api.validation import Archive, InputError, check_model_upload, read_manifest
+from api.validation import Archive, InputError, Manifest, UploadLimits, check_audio_files, check_model_upload, read_manifest
+from jobs.archive import ArchiveLimits
 from jobs.spec import Task
+from tests.unit.test_archive import make_tar, tar_file, tar_link, zip_bad_crc
 
 TASK = Task.audio_classification
 
@@ -43,8 +45,9 @@ def test_zip_entry_escaping_the_archive_is_refused():
     with zipfile.ZipFile(buffer, "w") as zf:
         zf.writestr("ok.wav", b"x")
         zf.writestr("../escape.wav", b"x")
-    with pytest.raises(InputError, match="stay inside"):
-        Archive(buffer, "audio", "a.zip")
+    with pytest.raises(InputError, match="stay inside") as err:
+        Archive(buffer, "audio", "a.zip").entries
+    assert (err.value.field, err.value.file, err.value.status) == ("audio", "a.zip", 422)
 
 
 def test_model_upload_kinds():
@@ -86,3 +89,123 @@ def test_keras_file_with_a_lambda_layer_is_refused():
         check_model_upload(_zip({"config.json": config, "model.weights.h5": b""}), "model.keras")
     plain = b'{"class_name": "Sequential", "config": {"layers": [{"class_name": "Dense"}]}}'
     assert check_model_upload(_zip({"config.json": plain, "model.weights.h5": b""}), "model.keras") == "file"
+
+
+LIMITS = UploadLimits(csv_max_bytes=1024 * 1024, csv_max_rows=20_000, csv_max_field_chars=300, csv_max_labels=3,
+                      csv_max_label_chars=10, model_config_max_bytes=1000,
+                      archive=ArchiveLimits(max_entries=100, max_total_bytes=8 * 1024 * 1024))
+
+
+@pytest.mark.parametrize(
+    ("csv", "row", "status", "says"),
+    [
+        (b"audio,label\na.wav,yes\nb.wav," + b"n" * 200_000 + b"\n", 3, 413, "limit is 300"),  # over csv's own 131,072
+        (b"audio,label\na.wav,yes\n" + b"x" * 301 + b".wav,no\n", 3, 413, "limit is 300"),
+        (b"audio,label\na.wav,yes\nb.wav,abcdefghijk\n", 3, 413, "label is 11 characters"),
+        (b"audio,label\na.wav,a\nb.wav,b\nc.wav,c\nd.wav,d\n", 5, 413, "more than 3 distinct labels"),
+        (b"audio,label\n" + b"a.wav,yes\nb.wav,no\n" * 10_001, 20_002, 413, "more than 20000 rows"),
+        (b"audio,label\na.wav,yes\ndataset.csv,no\n", 3, 422, "kept for the CSV"),
+        (b"audio,label\na.wav,yes\n./dataset.csv,no\n", 3, 422, "kept for the CSV"),
+        (b"audio,label\na.wav,yes\nb\0.wav,no\n", 3, 422, "NUL"),
+    ],
+)
+def test_csv_bounds_name_the_row(csv, row, status, says):
+    with pytest.raises(InputError) as err:
+        read_manifest(csv, TASK, "data.csv", LIMITS)
+    assert (err.value.field, err.value.file, err.value.row, err.value.status) == ("dataset", "data.csv", row, status)
+    assert says in err.value.message
+
+
+def test_csv_over_its_byte_bound_is_refused_before_it_is_parsed():
+    with pytest.raises(InputError) as err:
+        read_manifest(b"audio,label\n" + b"a.wav,yes\n" * 200_000, TASK, "data.csv", LIMITS)
+    assert err.value.status == 413 and "limit is 1048576" in err.value.message
+
+
+def _wav(seconds: float = 0.1) -> bytes:
+    import numpy as np
+    import soundfile
+
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.zeros(int(16000 * seconds), dtype="float32") + 0.1, 16000, format="WAV")
+    return buffer.getvalue()
+
+
+def test_each_member_is_decoded_once_however_many_rows_name_it(monkeypatch):
+    import api.validation as validation
+
+    decoded = []
+    real = validation._check_decodes
+    monkeypatch.setattr(validation, "_check_decodes", lambda path, name, row, filename: (decoded.append(name), real(path, name, row, filename)))
+    csv = b"audio,label\n" + b"a.wav,yes\n" * 10_000 + b"b.wav,no\n"
+    manifest = read_manifest(csv, TASK, "data.csv", LIMITS)
+    archive = Archive(_zip({"a.wav": _wav(), "b.wav": _wav(), "unnamed.wav": b"never read"}), "audio", "a.zip", LIMITS.archive)
+    check_audio_files(manifest, archive)
+    assert sorted(decoded) == ["a.wav", "b.wav"]
+
+
+def test_missing_member_and_undecodable_member_name_their_first_row():
+    archive_data = _zip({"a.wav": _wav(), "bad.wav": b"RIFF nonsense"})
+    manifest = read_manifest(b"audio,label\na.wav,yes\na.wav,yes\nmissing.wav,no\n", TASK, "d.csv", LIMITS)
+    with pytest.raises(InputError) as err:
+        check_audio_files(manifest, Archive(archive_data, "audio", "a.zip", LIMITS.archive))
+    assert (err.value.field, err.value.row) == ("dataset", 4) and "not in the audio archive" in err.value.message
+    manifest = read_manifest(b"audio,label\na.wav,yes\nbad.wav,no\nbad.wav,no\n", TASK, "d.csv", LIMITS)
+    with pytest.raises(InputError) as err:
+        check_audio_files(manifest, Archive(archive_data, "audio", "a.zip", LIMITS.archive))
+    assert (err.value.field, err.value.file, err.value.row) == ("audio", "a.zip", 3) and "does not decode" in err.value.message
+
+
+def test_named_member_with_a_bad_crc_is_refused():
+    data = zip_bad_crc({"a.wav": _wav(), "b.wav": _wav(0.2)}, "b.wav")
+    manifest = read_manifest(b"audio,label\na.wav,yes\nb.wav,no\n", TASK, "d.csv", LIMITS)
+    with pytest.raises(InputError) as err:
+        check_audio_files(manifest, Archive(io.BytesIO(data), "audio", "a.zip", LIMITS.archive))
+    assert (err.value.field, err.value.file, err.value.status) == ("audio", "a.zip", 422)
+    assert "'b.wav'" in err.value.message and "CRC" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("entries", "status", "says"),
+    [
+        ({"m/config.json": b'{"a": "' + b"x" * 2000 + b'"}'}, 413, "limit for a config file is 1000"),
+        ({"m/preprocessor_config.json": b'{"auto_map": {"AutoFeatureExtractor": "x.Y"}}'}, 422, "custom code"),
+        ({"m/config.json": b"{not json"}, 422, "not valid JSON"),
+    ],
+)
+def test_model_configs_are_bounded_before_they_are_parsed(entries, status, says):
+    with pytest.raises(InputError) as err:
+        check_model_upload(_zip(entries), "m.zip", LIMITS)
+    assert (err.value.field, err.value.file, err.value.status) == ("model", "m.zip", status)
+    assert says in err.value.message
+
+
+def test_model_config_nested_past_the_parsers_stack_is_refused():
+    import dataclasses
+
+    roomy = dataclasses.replace(LIMITS, model_config_max_bytes=10_000)
+    with pytest.raises(InputError, match="not valid JSON") as err:
+        check_model_upload(_zip({"m/config.json": b"[" * 4000 + b"]" * 4000}), "m.zip", roomy)
+    assert err.value.status == 422
+
+
+def test_model_archive_members_are_all_read_through():
+    data = zip_bad_crc({"m/config.json": b"{}", "m/model.safetensors": b"\x08" + bytes(3000)}, "m/model.safetensors")
+    with pytest.raises(InputError, match="CRC") as err:
+        check_model_upload(io.BytesIO(data), "m.zip", LIMITS)
+    assert err.value.field == "model"
+
+
+def test_model_tar_with_a_link_is_refused():
+    data = make_tar([tar_file("m/config.json", b"{}"), tar_link("m/model.safetensors", "/etc/shadow")])
+    with pytest.raises(InputError, match="link") as err:
+        check_model_upload(io.BytesIO(data), "m.tar.gz", LIMITS)
+    assert (err.value.field, err.value.file) == ("model", "m.tar.gz")
+
+
+def test_keras_config_is_bounded_and_keras_must_be_a_zip():
+    with pytest.raises(InputError) as err:
+        check_model_upload(_zip({"config.json": b"{" + b" " * 2000 + b"}"}), "big.keras", LIMITS)
+    assert err.value.status == 413
+    with pytest.raises(InputError, match="not a Keras v3"):
+        check_model_upload(io.BytesIO(make_tar([tar_file("config.json", b"{}")])), "m.keras", LIMITS)
