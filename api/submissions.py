@@ -55,7 +55,7 @@ def parse_spec(text: str, settings: Settings | None = None) -> JobSpec:
         where = ".".join(loc)
         raise InputError(f"spec.{where}" if where else "spec", first["msg"]) from None
     hyperparameters = spec.hyperparameters
-    names = [*hyperparameters.model_fields_set, *(hyperparameters.model_extra or {})]
+    names = hyperparameters.model_fields_set | set(hyperparameters.model_extra or {})  # the set one includes extras
     if len(names) > settings.max_hyperparameters:
         raise InputError("spec.hyperparameters", f"{len(names)} hyperparameters; at most {settings.max_hyperparameters} are allowed")
     for name, value in hyperparameters.for_trainer().items():
