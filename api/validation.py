@@ -82,6 +82,7 @@ class UploadLimits:
 class Manifest:
     rows: list[dict[str, str]]
     label_counts: Counter
+    filename: str = "dataset"  # the CSV's upload name, for refusals that name a row
 
     @property
     def audio_paths(self) -> list[str]:
@@ -154,7 +155,7 @@ def read_manifest(data: bytes, task: Task, filename: str = "dataset", limits: Up
         raise InputError("dataset", "the CSV has a header but no rows", file=filename)
     if task == Task.audio_classification and len(counts) < 2:
         raise InputError("dataset", f"at least two classes are needed, found only {sorted(counts)}", file=filename)
-    return Manifest(rows, counts)
+    return Manifest(rows, counts, filename)
 
 
 def _field_too_long(value: str, limit: int, row: int, filename: str) -> InputError:
@@ -300,7 +301,7 @@ def check_audio_files(manifest: Manifest, archive: Archive | None) -> None:
     extracted once, to a temporary folder, and each is decoded once however many rows name it."""
     if archive is None:
         first = manifest.rows[0]
-        raise InputError("audio", f"the CSV names {first['audio']!r} but no audio archive was uploaded", row=int(first["_row"]), file="dataset")
+        raise InputError("audio", f"the CSV names {first['audio']!r} but no audio archive was uploaded", row=int(first["_row"]), file=manifest.filename)
     first_row: dict[str, int] = {}
     for row in manifest.rows:
         first_row.setdefault(row["audio"], int(row["_row"]))
@@ -309,7 +310,7 @@ def check_audio_files(manifest: Manifest, archive: Archive | None) -> None:
         present = set(extracted.names)
         for name, number in first_row.items():
             if name not in present:
-                raise InputError("dataset", f"{name!r} is not in the audio archive {archive.filename!r}", row=number, file="dataset")
+                raise InputError("dataset", f"{name!r} is not in the audio archive {archive.filename!r}", row=number, file=manifest.filename)
         for name, number in first_row.items():
             _check_decodes(Path(tmp) / name, name, number, archive.filename)
 
