@@ -48,7 +48,9 @@ class Workspace:
         """Create the layout and write the config files. Outputs of an earlier attempt are cleared;
         checkpoints are kept so the trainer can resume."""
         for path in (self.model_dir, self.root / "output"):
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
+        if self.checkpoints.is_symlink() or (self.checkpoints.exists() and not self.checkpoints.is_dir()):
+            self.checkpoints.unlink()  # a trainer's link in place of the folder: never mount or follow it
         for path in (self.input_config, self.model_dir, self.output_data, self.checkpoints):
             path.mkdir(parents=True, exist_ok=True)
         # SageMaker passes every hyperparameter as a string; trainers parse them back.
@@ -83,3 +85,11 @@ class Workspace:
         for key, value in hps.items():
             env[f"SM_HP_{key.upper()}"] = value
         return env
+
+
+def _remove(path: Path) -> None:
+    """Remove what is at `path`, never following a link (a link itself is unlinked)."""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)  # fd-based on Linux: links inside are removed, not followed

@@ -462,3 +462,14 @@ def test_collect_replaces_an_earlier_copy(tmp_path):
     (ws.model_dir / "b").write_text("2")
     collected = collect_outputs(ws, tmp_path / "results", max_files=10, max_bytes=100)
     assert [p.name for p in collected.model_dir.iterdir()] == ["b"]
+
+
+def test_a_new_attempt_replaces_links_a_trainer_left_in_place_of_its_folders(tmp_path, host_file):
+    ws = workspace(tmp_path)
+    for folder in (ws.model_dir, ws.checkpoints):
+        os.rmdir(folder)
+        folder.symlink_to(host_file.parent, target_is_directory=True)
+    ws.prepare({}, {})
+    for folder in (ws.model_dir, ws.output_data, ws.checkpoints):
+        assert folder.is_dir() and not folder.is_symlink()
+    assert host_file.read_text() == HOST_SECRET + "\n"  # nothing of the host was removed either
