@@ -1,9 +1,11 @@
 """The worker: a Kafka consumer that runs training jobs, read top to bottom.
 
 At-least-once: a job's offset is committed only after its outcome is recorded in the store and
-announced on Kafka. Training takes hours, so while jobs run the worker keeps polling with its
-partitions paused (the group keeps it as a member); a job id that already has an outcome is
-never run again, only re-announced.
+announced on Kafka, and never past a job still running (worker/offsets.py). Training takes
+hours, so while jobs run the worker keeps polling with its partitions paused (the group keeps it
+as a member). What happens to one job, its lease (one run at a time), its outcome and its
+retries, is worker/execution.py. This loop never exits on a fault: a Kafka or store outage is
+logged and waited out.
 """
 
 import json
@@ -23,7 +25,7 @@ from jobs.settings import Settings
 from jobs.spec import JobMessage
 from models_store import ModelStore
 from worker.events import EventPublisher
-from worker.execution import JobExecution, announce
+from worker.execution import JobExecution
 from worker.gpus import GpuAllocator
 from worker.offsets import OffsetTracker
 from worker.runners.base import Runner
@@ -41,16 +43,16 @@ class Worker:
         self.pool = ThreadPoolExecutor(max_workers=capacity, thread_name_prefix="job")
         self.running: dict[Future, tuple[Message, JobExecution]] = {}
         self.offsets = OffsetTracker()
+        self.commit_pending = False
         self.stopping = threading.Event()
 
     # ---- the loop -------------------------------------------------------------------------
 
     def run(self) -> None:
-        ensure_topics(self.settings)
-        self.store.ensure_bucket()
+        self._wait_for_servers()
         self.settings.workdir.mkdir(parents=True, exist_ok=True)
         jobs = make_consumer(self.settings, self.settings.worker_group, **{"max.poll.interval.ms": 600_000})
-        jobs.subscribe([self.settings.topic_jobs], on_assign=self._on_assign)
+        jobs.subscribe([self.settings.topic_jobs], on_assign=self._on_assign, on_revoke=self._on_revoke)
         # Every worker sees every control command: a group of its own, from now on.
         control = make_consumer(self.settings, f"retrain-control-{self.worker_id}", **{"auto.offset.reset": "latest", "enable.auto.commit": True})
         control.subscribe([self.settings.topic_control])
@@ -58,17 +60,36 @@ class Worker:
         log.info("worker %s: taking jobs from %s (capacity %d)", self.worker_id, self.settings.topic_jobs, self.capacity)
         try:
             while not self.stopping.is_set():
-                # Short timeout: a finished job frees its slot (and resumes fetching) within 0.1 s.
-                # With partitions paused this poll only keeps us in the group.
-                message = jobs.poll(0.1)
-                if message is not None:
-                    self.take(message)
-                command = control.poll(0)
-                if command is not None and not command.error():
-                    self.on_control(command)
-                self.finish_done_jobs()
+                try:
+                    # Short timeout: a finished job frees its slot (and resumes fetching) within 0.1 s.
+                    # With partitions paused this poll only keeps us in the group.
+                    message = jobs.poll(0.1)
+                    if message is not None:
+                        self.take(message)
+                    command = control.poll(0)
+                    if command is not None and not command.error():
+                        self.on_control(command)
+                    self.finish_done_jobs()
+                    if self.commit_pending:
+                        self._commit()
+                except Exception:  # a fault outside any one job: log it and go on
+                    log.exception("worker loop")
+                    self.stopping.wait(1.0)
         finally:
             self.shutdown(jobs, control)
+
+    def _wait_for_servers(self) -> None:
+        """Topics and bucket exist before the first poll; Kafka or MinIO down at start is waited out."""
+        delay = 1.0
+        while not self.stopping.is_set():
+            try:
+                ensure_topics(self.settings)
+                self.store.ensure_bucket()
+                return
+            except Exception as err:
+                log.warning("worker: Kafka or the store is not reachable yet (%s); retrying in %.0f s", err, delay)
+                self.stopping.wait(delay)
+                delay = min(delay * 2, self.settings.retry_max_s)
 
     def take(self, message: Message) -> None:
         if message.error():
@@ -86,20 +107,16 @@ class Worker:
             self.dead_letter(message, f"not a valid job message: {err.errors()[0]['msg']}")
             return
         if any(execution.job_id == job.job_id for _, execution in self.running.values()):
+            # A copy of a job that runs here (a rebalance gave us its partition again, or the
+            # outbox sent it twice): the run here answers for it; the copy's offset is done only
+            # if it is not the running one's (OffsetTracker keeps that one in flight).
             log.info("job %s delivered again while it runs here; ignoring the copy", job.job_id)
-            self.offsets.done_without_running(message)  # commits stop below the running original
-            self._commit()
-            return
-        outcome = self.store.job_outcome(job.job_id)
-        if outcome is not None:
-            # Finished (or cancelled while queued) before: say so again, never train twice.
-            log.info("job %s already %s; not running it again", job.job_id, outcome["state"])
-            announce(self.events, job.job_id, outcome)
             self.offsets.done_without_running(message)
             self._commit()
             return
+        # Whether it already has an outcome, or runs on another worker, JobExecution finds out.
         execution = JobExecution(job, self.settings, self.store, self.runner, self.events, self.worker_id, self.gpus)
-        log.info("job %s: starting (%s, model %s)", job.job_id, job.spec.task, job.spec.model_name)
+        log.info("job %s: taken (%s, model %s)", job.job_id, job.spec.task, job.spec.model_name)
         self.offsets.started(message)
         self.running[self.pool.submit(execution.run)] = (message, execution)
         if len(self.running) >= self.capacity:
@@ -109,9 +126,10 @@ class Worker:
         for future in [f for f in self.running if f.done()]:
             message, execution = self.running.pop(future)
             outcome = future.result()
-            if outcome is None:  # abandoned at shutdown: left uncommitted for the next worker
-                continue
-            log.info("job %s: %s", execution.job_id, outcome["state"])
+            if outcome is None and execution.abandoned.is_set():
+                continue  # worker shutdown: left uncommitted for the next worker
+            # Finished here, or another worker took the job's lease over (its copy is its own).
+            log.info("job %s: %s", execution.job_id, outcome.state if outcome else "left to the worker that holds it")
             self.offsets.finished(message)
             self._commit()
             self._resume_all()
@@ -139,12 +157,17 @@ class Worker:
     # ---- partitions and offsets -----------------------------------------------------------
 
     def _commit(self) -> None:
-        positions = self.offsets.committable()
-        if positions:
-            try:
-                self.consumer.commit(offsets=positions, asynchronous=False)
-            except Exception as err:  # partition moved to another worker meanwhile: it reruns or skips
-                log.warning("commit failed: %s", err)
+        assigned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        positions = [tp for tp in self.offsets.committable() if (tp.topic, tp.partition) in assigned]
+        if not positions:
+            self.commit_pending = False
+            return
+        try:
+            self.consumer.commit(offsets=positions, asynchronous=False)
+            self.commit_pending = False
+        except Exception as err:  # Kafka away, or a rebalance meanwhile: try again from the loop
+            log.warning("commit failed (%s); will retry", err)
+            self.commit_pending = True
 
     def _pause_all(self) -> None:
         self.consumer.pause(self.consumer.assignment())
@@ -157,6 +180,11 @@ class Worker:
         # A rebalance forgets pauses: a full worker must not start fetching again.
         if len(self.running) >= self.capacity:
             consumer.pause(partitions)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Their next owner commits them; jobs of theirs still running here finish here (their
+        # lease keeps the new owner from starting them a second time).
+        self.offsets.forget(partitions)
 
     def stop(self, *_args) -> None:
         """Graceful shutdown: running jobs are stopped but not recorded, so their offsets stay
