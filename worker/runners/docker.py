@@ -44,7 +44,7 @@ from pathlib import Path
 
 import docker
 from docker.errors import APIError, DockerException, ImageNotFound, NotFound
-from docker.types import DeviceRequest
+from docker.types import DeviceRequest, LogConfig
 
 from worker.runners.base import (
     Outcome,
@@ -190,6 +190,9 @@ class DockerRunner:
             init=True,
             ipc_mode="private",
             pids_limit=limits.pids,
+            # The engine's own copy of the output is bounded too: a trainer printing forever must not
+            # fill the host's disk (the worker reads the stream live; train.log has its own bound).
+            log_config=LogConfig(type=LogConfig.types.JSON, config={"max-size": "16m", "max-file": "2"}),
             detach=True,
         )
         if limits.memory_bytes:
@@ -301,7 +304,7 @@ class DockerRunner:
                              f"out of memory: the trainer went past its memory limit of {mib} and was killed")
         if exit_code == 0:
             return RunResult(Outcome.succeeded, 0)
-        last = " | ".join(list(tail)[-5:])
+        last = " | ".join(list(tail)[-5:]).replace(request.progress_token, "<token>")
         fallback = f"trainer exited with code {exit_code} after {elapsed:.0f} s" + (f"; last output: {last}" if last else "")
         return RunResult(Outcome.failed, exit_code, failure_reason(request.workspace, fallback))
 
