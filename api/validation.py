@@ -19,7 +19,9 @@ from typing import BinaryIO
 
 import soundfile
 
-from jobs.archive import ArchiveError, ArchiveLimits, Entry, Extracted, archive_kind, extract_archive, normalize_name, scan_archive
+from jobs.archive import (
+    ArchiveError, ArchiveLimits, Entry, Extracted, archive_kind, extract_archive, list_archive, normalize_name, scan_archive,
+)
 from jobs.settings import Settings
 from jobs.spec import Task
 
@@ -190,8 +192,6 @@ class Archive:
     def entries(self) -> dict[str, Entry]:
         """The files in the archive, by name (all entries checked)."""
         if self._entries is None:
-            from jobs.archive import list_archive
-
             self._entries = self._call(list_archive, self.fileobj, self.limits).files
         return self._entries
 

@@ -578,6 +578,8 @@ def main() -> int:
         answer = {"ok": False, "error": "needs more memory to read than is allowed", "entry": None, "too_large": True}
     except RecursionError:
         answer = {"ok": False, "error": "is nested too deeply to read", "entry": None, "too_large": False}
+    except OSError as err:  # the archive could not be opened or read at all
+        answer = {"ok": False, "error": f"could not be read ({err.strerror or err})", "entry": None, "too_large": False}
     sys.stdout.write(json.dumps(answer))
     sys.stdout.flush()
     return 0

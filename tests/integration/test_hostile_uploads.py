@@ -6,7 +6,6 @@ process). A normal submission is still accepted afterwards.
 Runs the API in-process against the real Kafka and MinIO, on a bucket and topics of its own."""
 
 import csv
-import io
 import json
 import os
 import tarfile

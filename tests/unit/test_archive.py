@@ -6,8 +6,6 @@ import os
 import struct
 import tarfile
 import zipfile
-import zlib
-from pathlib import Path
 
 import pytest
 
@@ -157,12 +155,12 @@ def _header(name: bytes, size_field: bytes, kind: bytes = b"0") -> bytes:
 
 
 def tar_negative_size(good: list[tuple[str, bytes]] = ()) -> bytes:
-    """A member whose base-256 size is negative: tarfile 3.11.7's getmembers() seeks backwards
-    and loops forever on it (gh-130577)."""
+    """A member whose base-256 size is -512: tarfile 3.11.7 computes the next header's offset as
+    this very header's, so getmembers() reads it again and again, forever (gh-130577)."""
     body = b""
     for name, data in good:
         body += _header(name.encode(), b"%011o\0" % len(data)) + data + bytes(-len(data) % 512)
-    body += _header(b"evil.wav", b"\xff" * 12) + bytes(1024)
+    body += _header(b"evil.wav", b"\xff" + (256**11 - 512).to_bytes(11, "big")) + bytes(1024)
     return zlib_gzip(body + bytes(1024))
 
 

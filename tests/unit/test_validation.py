@@ -3,7 +3,7 @@ import zipfile
 
 import pytest
 
-from api.validation import Archive, InputError, Manifest, UploadLimits, check_audio_files, check_model_upload, read_manifest
+from api.validation import Archive, InputError, UploadLimits, check_audio_files, check_model_upload, read_manifest
 from jobs.archive import ArchiveLimits
 from jobs.spec import Task
 from tests.unit.test_archive import make_tar, tar_file, tar_link, zip_bad_crc
