@@ -7,8 +7,8 @@ One row never holds up the others:
   topic, a record it rejects; `PERMANENT`) is moved to `outbox_dead` with the reason, and when it
   is a job's message that job ends `failed` with the reason (`api.job_events.settle`: the outcome
   in the store, the job row through `apply_event`, a `failed` event on `retrain.job-events`);
-- anything else (the broker down, a timeout, a full queue) is retried with a backoff, and only
-  that: a row waiting for its acknowledgement is never produced a second time, and each
+- anything else (the broker down, a timeout, a full queue) is retried, each row after its own
+  backoff: a row waiting for its acknowledgement is never produced a second time, and each
   acknowledged row is deleted as soon as its acknowledgement arrives, so an outage ends without
   a flood of duplicates;
 - the thread never dies: every error is logged and retried after a backoff (doubling up to
@@ -55,7 +55,8 @@ class OutboxRelay(threading.Thread):
         self.in_flight: set[int] = set()  # produced, acknowledgement not in yet: never produced twice
         self.delivered: list[int] = []
         self.refused: dict[int, str] = {}  # permanent failures, waiting to be set aside
-        self.transient: list[tuple[int, KafkaError]] = []
+        self.transient: list[tuple[int, KafkaError]] = []  # answers to schedule a retry for
+        self.waiting: dict[int, tuple[float, int]] = {}  # row -> (monotonic time of its next try, tries so far)
         self.set_aside_after = 0.0  # monotonic time of the next try after set_aside failed
         self.fatal: KafkaError | None = None  # the producer is unusable: make a new one
         self.max_in_flight = 10 * settings.outbox_batch_size
@@ -106,10 +107,6 @@ class OutboxRelay(threading.Thread):
         self.settle()
         if self.fatal is not None:
             raise KafkaException(self.fatal)
-        if self.transient:
-            err = self.transient[0][1]
-            self.transient.clear()
-            raise KafkaException(err)  # back off, then produce those rows again
         produced = self.produce_rows(producer)
         if produced or self.in_flight:
             producer.poll(0.2)  # acknowledgements arrive within milliseconds while the broker is up
@@ -121,11 +118,12 @@ class OutboxRelay(threading.Thread):
         room = min(self.max_in_flight - len(self.in_flight), self.settings.outbox_batch_size)
         if room <= 0:
             return 0
+        now = time.monotonic()
+        skip = len(self.in_flight) + len(self.refused) + len(self.waiting)
         with self.db.sessions() as session:
-            ids = session.scalars(
-                select(OutboxMessage.id).order_by(OutboxMessage.id).limit(room + len(self.in_flight) + len(self.refused))
-            ).all()
-            ids = [rid for rid in ids if rid not in self.in_flight and rid not in self.refused][:room]
+            ids = session.scalars(select(OutboxMessage.id).order_by(OutboxMessage.id).limit(room + skip)).all()
+            ids = [rid for rid in ids if rid not in self.in_flight and rid not in self.refused
+                   and self.waiting.get(rid, (0.0, 0))[0] <= now][:room]
             if not ids:
                 return 0
             rows = session.execute(
@@ -139,9 +137,10 @@ class OutboxRelay(threading.Thread):
             except BufferError:
                 break  # the local queue is full: wait for acknowledgements
             except KafkaException as err:
-                if not is_permanent(err.args[0]):
-                    raise
-                self.refused[rid] = str(err.args[0])
+                if is_permanent(err.args[0]):
+                    self.refused[rid] = str(err.args[0])
+                else:
+                    self.transient.append((rid, err.args[0]))
                 continue
             self.in_flight.add(rid)
             produced += 1
@@ -156,20 +155,32 @@ class OutboxRelay(threading.Thread):
                 self.refused[rid] = str(err)
             else:
                 self.transient.append((rid, err))
-            # Any answer ends the flight; a transient failure is produced again after a backoff.
+            # Any answer ends the flight; a transient failure is produced again after its backoff.
             self.in_flight.discard(rid)
         return delivered
 
     # ---- the database side --------------------------------------------------------------------
 
     def settle(self) -> None:
-        """Delete the acknowledged rows at once; set aside the refused ones."""
+        """Delete the acknowledged rows at once; schedule the transient failures' retries (each
+        row its own backoff, so one row that keeps failing slows nobody else); set aside the
+        refused rows."""
         if self.delivered:
             done = list(self.delivered)
             with self.db.sessions() as session:
                 session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(done)))
                 session.commit()
             del self.delivered[: len(done)]
+            for rid in done:
+                self.waiting.pop(rid, None)
+        if self.transient:
+            failed, self.transient = self.transient, []
+            now = time.monotonic()
+            for rid, _err in failed:
+                tries = self.waiting.get(rid, (0.0, 0))[1] + 1
+                self.waiting[rid] = (now + min(0.5 * 2 ** min(tries, 10), self.settings.outbox_retry_max_s), tries)
+            log.warning("outbox relay: %d message(s) not delivered (%s); each is retried after its backoff",
+                        len(failed), failed[0][1])
         if not self.refused or time.monotonic() < self.set_aside_after:
             return
         for rid, reason in list(self.refused.items()):
@@ -182,6 +193,7 @@ class OutboxRelay(threading.Thread):
                 self.set_aside_after = time.monotonic() + 5.0
                 return
             del self.refused[rid]
+            self.waiting.pop(rid, None)
 
     def set_aside(self, rid: int, reason: str) -> None:
         """Move a refused row to outbox_dead; a job whose message it was ends failed."""

@@ -23,7 +23,11 @@ FileName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", ma
 
 
 def _version(store, name: str, version: str) -> VersionInfo:
-    info = store.find_version(name, parse_version_ref(version))
+    try:
+        ref = parse_version_ref(version)  # the path pattern lets 0 through; versions start at 1
+    except ValueError as err:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail={"field": "version", "error": str(err)}) from None
+    info = store.find_version(name, ref)
     if info is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail={"field": "version", "error": f"model {name!r} has no version {version!r}"})
     return info

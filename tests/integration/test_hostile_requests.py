@@ -219,7 +219,7 @@ def test_bad_base_versions_and_names(client, app_settings, clips):
 
 
 def test_bad_version_strings_in_urls(client, app_settings):
-    for version in ("%C2%B2", "-1", "99999999999999999999", "1e3", "0x10", "Latest", "a" * 40, "%00"):
+    for version in ("%C2%B2", "-1", "0", "000", "99999999999999999999", "1e3", "0x10", "Latest", "a" * 40, "%00"):
         for suffix in ("", "/artifact", "/files/metrics.json"):
             refused(client.get(f"/v1/models/hostile/versions/{version}{suffix}"), 422, "version")
     assert_nothing_left(client, app_settings)
