@@ -126,7 +126,13 @@ class Settings(BaseSettings):
     process_max_file_mb: int = 16 * 1024
 
     # ---- Job lifecycle: leases, attempts, retries -------------------------------------------------
-    # (lease, attempt cap and retry settings go here)
+    # A running job's lease in the store is renewed every job_lease_s / 3; another worker takes
+    # the job over only after job_lease_s without renewal (its worker died).
+    job_lease_s: float = 30.0
+    # Runs of a job that took their worker down (killed, out of memory) before it is failed as poison.
+    max_job_crashes: int = 3
+    # Store and Kafka outages are waited out, backing off up to this many seconds between tries.
+    retry_max_s: float = 15.0
 
 
 @lru_cache

@@ -14,7 +14,9 @@ from api.db import Job, OutboxMessage
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.schemas import JobCreated, JobList, JobOut, Progress
 from api.submissions import Upload, parse_spec, submit_job
-from jobs.events import ControlCommand, EventType, JobEvent, JobState, utcnow
+from api.job_events import settle
+from jobs.events import ControlCommand, JobState
+from jobs.lifecycle import Outcome
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -165,17 +167,16 @@ def job_output(job_id: JobId, name: OutputName, session: SessionDep, store: Stor
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
 def cancel_job(job_id: str, request: Request, session: SessionDep, store: StoreDep, settings: SettingsDep) -> JobOut:
+    """Cancel a queued or running job. The cancel is recorded as the job's outcome at once, so it
+    holds even if no worker has the job now; a worker running it stops within seconds."""
     job = _get(session, job_id)
     if JobState(job.state).finished:
         raise HTTPException(status.HTTP_409_CONFLICT, detail={"field": "job_id", "error": f"job already {job.state}"})
-    command = ControlCommand(command="cancel", job_id=job_id)
+    command = ControlCommand(command="cancel", job_id=job_id)  # the fast path to a worker running it
     session.add(OutboxMessage(topic=settings.topic_control, key=job_id, value=command.model_dump_json()))
-    if job.state == JobState.queued:
-        # No worker has it yet: the recorded outcome makes any worker that takes it skip it.
-        store.record_job_outcome(job_id, {"state": JobState.cancelled, "reason": "cancelled before it started"})
-        event = JobEvent(job_id=job_id, type=EventType.cancelled, data={"reason": "cancelled before it started"})
-        session.add(OutboxMessage(topic=settings.topic_events, key=job_id, value=event.model_dump_json()))
-        job.state, job.error, job.finished_at, job.updated_at = JobState.cancelled, "cancelled before it started", utcnow(), utcnow()
-    session.commit()
+    outcome = settle(session, store, settings, job_id, Outcome.cancelled("cancelled by the user"))
     request.app.state.outbox.wake.set()
+    if outcome.state != JobState.cancelled:
+        raise HTTPException(status.HTTP_409_CONFLICT, detail={"field": "job_id", "error": f"job already {outcome.state}"})
+    session.refresh(job)
     return job_out(job, request)
