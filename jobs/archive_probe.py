@@ -564,6 +564,7 @@ def _limit_self(limits: dict) -> None:
     fsize = limits["max_total_bytes"] + MAX_NAMES_BYTES * 4
     resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    os.nice(10)  # an upload's parse yields the CPU to the API's own requests (healthz, dispatch)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an over-long write fails instead of killing
 
 

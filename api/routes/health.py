@@ -10,7 +10,7 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict:
+async def healthz() -> dict:  # on the event loop: no thread-pool hop that busy uploads could queue behind
     return {"status": "ok"}
 
 
