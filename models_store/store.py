@@ -104,17 +104,8 @@ class ModelStore:
         self.client.put_object(self.bucket, key, io.BytesIO(data), len(data), content_type="application/json")
 
     def get_json(self, key: str) -> Any | None:
-        try:
-            response = self.client.get_object(self.bucket, key)
-        except S3Error as err:
-            if err.code == "NoSuchKey":
-                return None
-            raise
-        try:
-            return json.loads(response.read(MAX_CONTROL_BYTES))
-        finally:
-            response.close()
-            response.release_conn()
+        tagged = self.get_json_tagged(key)
+        return tagged[0] if tagged is not None else None
 
     def exists(self, key: str) -> bool:
         try:
