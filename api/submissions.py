@@ -71,7 +71,7 @@ def submit_job(
     spec_text: str, dataset: Upload, audio: Upload | None, model: Upload | None,
     store: ModelStore, session: Session, settings: Settings,
 ) -> Job:
-    spec = parse_spec(spec_text)
+    spec = parse_spec(spec_text, settings)  # this app's bounds, before any upload is looked at
     for upload, field in ((dataset, "dataset"), (audio, "audio"), (model, "model")):
         if upload is not None and upload.size > settings.max_upload_bytes:
             raise InputError(field, f"is {upload.size} bytes; the limit is {settings.max_upload_bytes}", file=upload.filename, status=413)

@@ -13,7 +13,7 @@ from sqlalchemy import select
 from api.db import Job, OutboxMessage
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.schemas import JobCreated, JobList, JobOut, Progress
-from api.submissions import Upload, parse_spec, submit_job
+from api.submissions import Upload, submit_job
 from api.job_events import settle
 from jobs.events import ControlCommand, JobState
 from jobs.lifecycle import Outcome
@@ -58,7 +58,6 @@ def create_job(
     audio: Annotated[UploadFile | None, File(description="zip or tar(.gz) of the audio files the CSV names")] = None,
     model: Annotated[UploadFile | None, File(description="optional base model (file or archive)")] = None,
 ) -> JobCreated:
-    parse_spec(spec, settings)  # this app's bounds, before any upload is looked at
     job = submit_job(spec, _upload(dataset), _upload(audio), _upload(model), store, session, settings)
     request.app.state.outbox.wake.set()
     status_url = str(request.url_for("get_job", job_id=job.id))
