@@ -142,24 +142,6 @@ def test_worker_killed_while_publishing(faults, client, keyword_data, store):
     assert_one_complete_version(client, name, job_id, job)
 
 
-def test_a_second_worker_joins_while_two_jobs_run(faults, client, keyword_data):
-    names = [f"faults-rebalance-{i}" for i in range(4)]
-    first = [start(client, keyword_data, n, epochs=8) for n in names[:2]]
-    for job_id in first:
-        wait_training(client, job_id, min_epoch=1)
-    faults.up(["worker-2"])  # the group rebalances: partitions of running jobs may move to it
-    later = [start(client, keyword_data, n, epochs=3) for n in names[2:]]
-    try:
-        for name, job_id in zip(names, first + later):
-            job = wait_for(client, job_id, timeout=900)
-            assert job["state"] == "succeeded", job["error"]
-            # One run: no second worker started it while the first one lived.
-            assert job["attempts"] == 1, job
-            assert_one_complete_version(client, name, job_id, job)
-    finally:
-        faults.stop("worker-2")
-
-
 def test_a_cancel_sent_while_no_worker_holds_the_job_is_not_lost(faults, client, keyword_data, store):
     name = "faults-cancel"
     job_id = start(client, keyword_data, name, epochs=25)
@@ -180,3 +162,21 @@ def test_a_cancel_sent_while_no_worker_holds_the_job_is_not_lost(faults, client,
     assert (job["state"], job["error"]) == ("cancelled", "cancelled by the user")
     assert store.job_outcome(job_id).state == "cancelled"
     assert client.get(f"/v1/models/{name}/versions").status_code == 404
+
+
+def test_a_second_worker_joins_while_two_jobs_run(faults, client, keyword_data):
+    names = [f"faults-rebalance-{i}" for i in range(4)]
+    first = [start(client, keyword_data, n, epochs=8) for n in names[:2]]
+    for job_id in first:
+        wait_training(client, job_id, min_epoch=1)
+    faults.up(["worker-2"])  # the group rebalances: partitions of running jobs may move to it
+    later = [start(client, keyword_data, n, epochs=3) for n in names[2:]]
+    try:
+        for name, job_id in zip(names, first + later):
+            job = wait_for(client, job_id, timeout=900)
+            assert job["state"] == "succeeded", job["error"]
+            # One run: no second worker started it while the first one lived.
+            assert job["attempts"] == 1, job
+            assert_one_complete_version(client, name, job_id, job)
+    finally:
+        faults.stop("worker-2")
