@@ -19,6 +19,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
+from api import checker
 from api.db import Database
 from api.job_events import JobEventsConsumer
 from api.limits import BodySizeLimit
@@ -121,6 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.outbox = OutboxRelay(state.db, settings, store=state.store, ready=state.setup.topics)
         state.setup.start()
         state.outbox.start()
+        threading.Thread(target=checker.warm_up, name="checker-warm-up", daemon=True).start()
         yield
         state.setup.stop()
         state.outbox.stop()

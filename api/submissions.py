@@ -10,7 +10,8 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.db import Job, OutboxMessage
-from api.validation import Archive, InputError, UploadLimits, check_audio_files, check_model_upload, read_manifest
+from api.checker import CheckLimits, check_dataset
+from api.validation import InputError, UploadLimits, archive_kind, check_model_upload
 from jobs.events import EventType, JobEvent, JobState, utcnow
 from jobs.settings import Settings
 from jobs.spec import JobInputs, JobMessage, JobSpec, Task
@@ -93,10 +94,10 @@ def submit_job(
     limits = UploadLimits.from_settings(settings)
     if dataset.size > limits.csv_max_bytes:
         raise InputError("dataset", f"is {dataset.size} bytes; the limit is {limits.csv_max_bytes}", file=dataset.filename, status=413)
-    manifest = read_manifest(dataset.file.read(), spec.task, dataset.filename, limits)
-    archive = Archive(audio.file, "audio", audio.filename, limits.archive) if audio else None
-    check_audio_files(manifest, archive)
-    audio_kind = archive.kind if archive else None
+    # The CSV, and each clip it names, checked in a bounded child process (api/checker.py).
+    check_dataset(dataset.file, dataset.filename, audio.file if audio else None, audio.filename if audio else None,
+                  spec.task, limits, CheckLimits.from_settings(settings))
+    audio_kind = archive_kind(audio.file) if audio else None
     model_kind = check_model_upload(model.file, model.filename, limits) if model else None
 
     # Everything checked: store the uploads, then commit the job and its messages together.

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     archive_memory_bytes: int = 1024**3  # address space of the reader process (RLIMIT_AS)
     archive_timeout_s: float = 300.0  # wall-clock time of one archive read
     model_config_max_bytes: int = 4 * 1024**2  # a config.json (or *_config.json) read from a model upload
+    # The dataset check (the CSV parsed, each clip it names extracted and decoded once) runs in a
+    # child of the API (api/checker.py), never in the API's own interpreter, capped like this:
+    check_cpu_seconds: int = 300  # CPU time of one submission's check (RLIMIT_CPU)
+    check_memory_bytes: int = 4 * 1024**3  # its address space (RLIMIT_AS)
+    check_timeout_s: float = 600.0  # its wall-clock time
 
     # ---- Bounds on the job spec and the API's requests ------------------------------------------
     # The spec's *shape* (identifier-like hyperparameter names, scalar or flat-list values, finite

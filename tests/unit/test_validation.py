@@ -209,3 +209,40 @@ def test_keras_config_is_bounded_and_keras_must_be_a_zip():
     assert err.value.status == 413
     with pytest.raises(InputError, match="not a Keras v3"):
         check_model_upload(io.BytesIO(make_tar([tar_file("config.json", b"{}")])), "m.keras", LIMITS)
+
+
+# ---- the same checks in a bounded child process (api/checker.py), as the API runs them ------
+
+def _spooled(data: bytes):
+    import tempfile
+
+    f = tempfile.SpooledTemporaryFile()  # in memory, as Starlette keeps a small upload
+    f.write(data)
+    f.seek(0)
+    return f
+
+
+def test_the_child_check_answers_what_the_checks_found():
+    from api.checker import CheckLimits, check_dataset
+
+    audio = _spooled(_zip({"a.wav": _wav(), "b.wav": _wav()}).getvalue())
+    dataset = _spooled(b"audio,label\na.wav,yes\nb.wav,no\nb.wav,no\n")
+    summary = check_dataset(dataset, "d.csv", audio, "a.zip", TASK, LIMITS, CheckLimits())
+    assert (summary.rows, summary.label_counts) == (3, {"yes": 1, "no": 2})
+    assert dataset.tell() == 0 and audio.tell() == 0  # the uploads are stored from the start afterwards
+    with pytest.raises(InputError) as err:
+        check_dataset(_spooled(b"audio,label\na.wav,yes\nc.wav,no\n"), "d.csv", audio, "a.zip", TASK, LIMITS, CheckLimits())
+    assert err.value.detail() == {"field": "dataset", "file": "d.csv", "row": 3, "error": "'c.wav' is not in the audio archive 'a.zip'"}
+
+
+def test_a_check_over_its_memory_or_time_is_a_413_and_the_caller_lives():
+    from api.checker import CheckLimits, check_dataset
+
+    audio = _spooled(_zip({"a.wav": _wav(), "b.wav": _wav()}).getvalue())
+    dataset = _spooled(b"audio,label\n" + b"a.wav,yes\n" * 99_000 + b"b.wav,no\n")
+    with pytest.raises(InputError) as err:
+        check_dataset(dataset, "d.csv", audio, "a.zip", TASK, LIMITS, CheckLimits(memory_bytes=256 * 1024**2))
+    assert (err.value.field, err.value.file, err.value.status) == ("dataset", "d.csv", 413)
+    with pytest.raises(InputError) as err:
+        check_dataset(dataset, "d.csv", audio, "a.zip", TASK, LIMITS, CheckLimits(timeout_s=0.01))
+    assert err.value.status == 413 and "time allowed" in err.value.message
