@@ -4,6 +4,8 @@ end-to-end tests) started through deploy/local, and spoken-word data sets made w
 import io
 import tarfile
 import time
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -67,6 +69,48 @@ def keyword_data(tmp_path_factory) -> dict:
     }
 
 
+def isolated(settings: Settings, tmp_path_factory, name: str, **update) -> Settings:
+    """The session stack's settings with a database, bucket, topics and groups of their own, so a
+    test module sees exactly what it left (and nothing another module did)."""
+    suffix = f"{name}-{uuid.uuid4().hex[:8]}"
+    return settings.model_copy(update={
+        "database_url": f"sqlite:///{tmp_path_factory.mktemp('db')}/api.db",
+        "s3_bucket": suffix,
+        "topic_jobs": f"{suffix}.jobs", "topic_events": f"{suffix}.events",
+        "topic_control": f"{suffix}.control", "topic_dlq": f"{suffix}.dlq",
+        "api_events_group": suffix, "worker_group": f"{suffix}-workers",
+        **update,
+    })
+
+
+@contextmanager
+def in_process_api(app_settings: Settings, ready: bool = False):
+    """The API app in this process (TestClient) on the real servers; `client.app_state` is the
+    app's state (database, store, background threads). With `ready`, waits for /readyz."""
+    from fastapi.testclient import TestClient
+
+    from api.main import create_app
+
+    app = create_app(app_settings)
+    with TestClient(app) as client:
+        client.app_state = app.state
+        if ready:  # the bucket and the topics are made in the background
+            wait_until(lambda: client.get("/readyz").status_code == 200, 60, "the API to be ready")
+        yield client
+
+
+@pytest.fixture(scope="session")
+def clips(keyword_data) -> list[tuple[str, bytes, str]]:
+    """Two real clips of different words from the generated data set, as (name, bytes, label)."""
+    import csv
+
+    rows = list(csv.DictReader(keyword_data["csv"].open()))
+    first = rows[0]
+    second = next(r for r in rows if r["label"] != first["label"])
+    base = keyword_data["csv"].parent
+    return [(r["audio"], (base / r["audio"]).read_bytes(), r["label"]) for r in (first, second)]
+
+
 def submit(client: httpx.Client, spec: dict, csv: Path, audio: Path | None = None, model: Path | None = None) -> httpx.Response:
     import json
 
@@ -86,6 +130,15 @@ def wait_for(client: httpx.Client, job_id: str, states=("succeeded", "failed", "
             return job
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} did not reach {states} in {timeout} s; last: {job}")
+
+
+def wait_until(condition, timeout: float, what: str, interval: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(interval)
+    assert condition(), f"timed out after {timeout} s waiting for {what}"
 
 
 def extract_artifact(data: bytes, dest: Path) -> Path:

@@ -180,3 +180,6 @@ def test_a_second_worker_joins_while_two_jobs_run(faults, client, keyword_data):
             assert_one_complete_version(client, name, job_id, job)
     finally:
         faults.stop("worker-2")
+    # The group rebalances again: the first worker, alone, takes every partition and a new job.
+    job = wait_for(client, start(client, keyword_data, "faults-rebalance-after", epochs=1), timeout=300)
+    assert job["state"] == "succeeded", job["error"]

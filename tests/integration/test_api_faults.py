@@ -12,15 +12,14 @@ import json
 import numpy as np
 import pytest
 import soundfile
-from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.db import Job, OutboxMessage
-from api.main import create_app
 from deploy.local.stack import Stack, free_port
 from jobs.settings import Settings
 from tests.integration.test_bad_input import make_zip
-from tests.integration.test_hostile_requests import keys_on, wait_until
+from tests.conftest import in_process_api, wait_until
+from tests.integration.test_hostile_requests import keys_on
 
 pytestmark = pytest.mark.integration
 
@@ -47,9 +46,7 @@ def app_settings(private, tmp_path):
 
 @pytest.fixture
 def client(app_settings):
-    app = create_app(app_settings)
-    with TestClient(app) as c:
-        c.app_state = app.state
+    with in_process_api(app_settings) as c:
         yield c
 
 

@@ -11,11 +11,10 @@ import zipfile
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.db import Job, OutboxMessage
-from api.main import create_app
+from tests.conftest import in_process_api, isolated
 
 pytestmark = pytest.mark.integration
 
@@ -25,37 +24,13 @@ SPEC = {"task": "audio_classification", "model_name": "bad-input"}
 
 @pytest.fixture(scope="module")
 def app_settings(settings, tmp_path_factory):
-    suffix = uuid.uuid4().hex[:8]
-    return settings.model_copy(update={
-        "database_url": f"sqlite:///{tmp_path_factory.mktemp('db')}/api.db",
-        "s3_bucket": f"bad-input-{suffix}",
-        "topic_jobs": f"bad-input-{suffix}.jobs",
-        "topic_events": f"bad-input-{suffix}.events",
-        "topic_control": f"bad-input-{suffix}.control",
-        "topic_dlq": f"bad-input-{suffix}.dlq",
-        "api_events_group": f"bad-input-{suffix}",
-        "max_upload_bytes": LIMIT,
-    })
+    return isolated(settings, tmp_path_factory, "bad-input", max_upload_bytes=LIMIT)
 
 
 @pytest.fixture(scope="module")
 def client(app_settings):
-    app = create_app(app_settings)
-    with TestClient(app) as c:
-        c.app_state = app.state
+    with in_process_api(app_settings) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def clips(keyword_data):
-    """Two real clips of different words from the generated data set, as (name, bytes, label)."""
-    import csv
-
-    rows = list(csv.DictReader(keyword_data["csv"].open()))
-    first = rows[0]
-    second = next(r for r in rows if r["label"] != first["label"])
-    base = keyword_data["csv"].parent
-    return [(r["audio"], (base / r["audio"]).read_bytes(), r["label"]) for r in (first, second)]
 
 
 def make_zip(entries: dict[str, bytes]) -> bytes:

@@ -7,48 +7,22 @@ The API runs in-process against the real Kafka and MinIO of the `stack` fixture,
 and topics of its own so the test sees exactly what was left."""
 
 import base64
-import csv
 import json
 import time
 import uuid
 
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 
 from api.db import Job, OutboxDead, OutboxMessage
-from api.main import create_app
 from jobs.events import JobState, utcnow
+from tests.conftest import in_process_api, isolated, wait_until
 from tests.integration.test_bad_input import make_zip, messages_on
 
 pytestmark = pytest.mark.integration
 
 SPEC = {"task": "audio_classification", "model_name": "hostile"}
-
-
-def isolated(settings, tmp_path_factory, name: str, **update):
-    suffix = uuid.uuid4().hex[:8]
-    return settings.model_copy(update={
-        "database_url": f"sqlite:///{tmp_path_factory.mktemp('db')}/api.db",
-        "s3_bucket": f"{name}-{suffix}",
-        "topic_jobs": f"{name}-{suffix}.jobs",
-        "topic_events": f"{name}-{suffix}.events",
-        "topic_control": f"{name}-{suffix}.control",
-        "topic_dlq": f"{name}-{suffix}.dlq",
-        "api_events_group": f"{name}-{suffix}",
-        **update,
-    })
-
-
-def running_client(app_settings):
-    app = create_app(app_settings)
-    client = TestClient(app)
-    client.__enter__()
-    client.app_state = app.state
-    # The bucket and the topics are made in the background: wait until the API says ready.
-    wait_until(lambda: client.get("/readyz").status_code == 200, 60, "the API to be ready")
-    return client
 
 
 @pytest.fixture(scope="module")
@@ -58,27 +32,8 @@ def app_settings(settings, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(app_settings):
-    c = running_client(app_settings)
-    yield c
-    c.__exit__(None, None, None)
-
-
-@pytest.fixture(scope="module")
-def clips(keyword_data):
-    rows = list(csv.DictReader(keyword_data["csv"].open()))
-    first = rows[0]
-    second = next(r for r in rows if r["label"] != first["label"])
-    base = keyword_data["csv"].parent
-    return [(r["audio"], (base / r["audio"]).read_bytes(), r["label"]) for r in (first, second)]
-
-
-def wait_until(condition, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(interval)
-    assert condition(), f"timed out after {timeout} s waiting for {what}"
+    with in_process_api(app_settings, ready=True) as c:
+        yield c
 
 
 def post(client, clips, spec) -> "httpx.Response":  # noqa: F821
@@ -296,9 +251,8 @@ def outbox_settings(settings, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def outbox_client(outbox_settings):
-    c = running_client(outbox_settings)
-    yield c
-    c.__exit__(None, None, None)
+    with in_process_api(outbox_settings, ready=True) as c:
+        yield c
 
 
 def _stuck_job(state, settings, size: int) -> str:

@@ -5,17 +5,14 @@ process). A normal submission is still accepted afterwards.
 
 Runs the API in-process against the real Kafka and MinIO, on a bucket and topics of its own."""
 
-import csv
 import json
 import os
 import tarfile
-import uuid
 import zipfile
 
 import pytest
-from fastapi.testclient import TestClient
 
-from api.main import create_app
+from tests.conftest import in_process_api, isolated
 from tests.integration.test_bad_input import assert_nothing_left, messages_on
 from tests.unit.test_archive import (
     make_tar, make_zip, tar_file, tar_link, tar_negative_size, tar_pax_digits, tar_special, zip_bad_crc, zip_bomb,
@@ -30,42 +27,23 @@ MB = 1024 * 1024
 
 @pytest.fixture(scope="module")
 def app_settings(settings, tmp_path_factory):
-    suffix = uuid.uuid4().hex[:8]
-    return settings.model_copy(update={
-        "database_url": f"sqlite:///{tmp_path_factory.mktemp('db')}/api.db",
-        "s3_bucket": f"hostile-{suffix}",
-        "topic_jobs": f"hostile-{suffix}.jobs",
-        "topic_events": f"hostile-{suffix}.events",
-        "topic_control": f"hostile-{suffix}.control",
-        "topic_dlq": f"hostile-{suffix}.dlq",
-        "api_events_group": f"hostile-{suffix}",
-        "max_upload_bytes": 16 * MB,
+    return isolated(
+        settings, tmp_path_factory, "hostile-uploads",
+        max_upload_bytes=16 * MB,
         # Bounds small enough to reach with small uploads; the field-size and ratio bounds keep
         # their defaults (8192 characters, 50x).
-        "csv_max_rows": 20_000,
-        "csv_max_labels": 50,
-        "archive_max_entries": 500,
-        "archive_max_total_bytes": 6 * MB,
-        "model_config_max_bytes": 64 * 1024,
-    })
+        csv_max_rows=20_000,
+        csv_max_labels=50,
+        archive_max_entries=500,
+        archive_max_total_bytes=6 * MB,
+        model_config_max_bytes=64 * 1024,
+    )
 
 
 @pytest.fixture(scope="module")
 def client(app_settings):
-    app = create_app(app_settings)
-    with TestClient(app) as c:
-        c.app_state = app.state
+    with in_process_api(app_settings) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def clips(keyword_data):
-    """Two real clips of different words, as (name, bytes, label)."""
-    rows = list(csv.DictReader(keyword_data["csv"].open()))
-    first = rows[0]
-    second = next(r for r in rows if r["label"] != first["label"])
-    base = keyword_data["csv"].parent
-    return [(r["audio"], (base / r["audio"]).read_bytes(), r["label"]) for r in (first, second)]
 
 
 def post(client, csv_text, audio=None, audio_name="audio.zip", model=None, model_name="model.zip"):

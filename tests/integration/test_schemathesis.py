@@ -8,7 +8,6 @@ are submitted first, so listings and cursors have rows to page through."""
 
 import threading
 import time
-import uuid
 
 import httpx
 import pytest
@@ -19,6 +18,7 @@ from schemathesis.checks import not_a_server_error
 
 from api.main import create_app
 from deploy.local.stack import free_port
+from tests.conftest import isolated
 from tests.integration.test_api_faults import make_zip, tone
 
 pytestmark = pytest.mark.integration
@@ -28,17 +28,7 @@ EXAMPLES = 100  # per operation and phase (about a minute in all on two cores)
 
 @pytest.fixture(scope="module")
 def api_url(settings, tmp_path_factory):
-    suffix = uuid.uuid4().hex[:8]
-    app_settings = settings.model_copy(update={
-        "database_url": f"sqlite:///{tmp_path_factory.mktemp('db')}/api.db",
-        "s3_bucket": f"fuzz-{suffix}",
-        "topic_jobs": f"fuzz-{suffix}.jobs",
-        "topic_events": f"fuzz-{suffix}.events",
-        "topic_control": f"fuzz-{suffix}.control",
-        "topic_dlq": f"fuzz-{suffix}.dlq",
-        "api_events_group": f"fuzz-{suffix}",
-        "max_upload_bytes": 1024 * 1024,
-    })
+    app_settings = isolated(settings, tmp_path_factory, "fuzz", max_upload_bytes=1024 * 1024)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(app_settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
