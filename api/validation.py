@@ -3,7 +3,9 @@ that names the file, the row and the problem, and leaves nothing behind.
 
 Archives (the audio upload, a model upload, a .keras file) are read only through jobs.archive,
 which parses them in a bounded child process; nothing here opens a zip or tar itself. Each
-member the CSV names is extracted once, to a temporary folder, and decoded once."""
+member the CSV names is extracted once, to a temporary folder, and decoded once. The API runs
+the dataset checks (read_manifest, check_audio_files) through api/checker.py, in a bounded child
+of its own, so a large CSV costs a CPU, not the API's responsiveness."""
 
 import csv
 import io
@@ -325,7 +327,7 @@ def _check_decodes(path: Path, name: str, row: int, filename: str) -> None:
     except InputError:
         raise
     except Exception as err:  # soundfile raises several types for undecodable input
-        problem = str(err)
+        problem = str(err).replace(f"'{path}'", repr(name)).replace(str(path), name)  # not our temporary folder
     # Not something libsndfile reads (video, AAC, ...): the trainers decode it with ffmpeg, so
     # ask ffprobe whether there is an audio stream in it at all.
     if _has_audio_stream(path):

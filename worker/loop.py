@@ -44,6 +44,8 @@ class Worker:
         self.running: dict[Future, tuple[Message, JobExecution]] = {}
         self.offsets = OffsetTracker()
         self.commit_pending = False
+        # Per partition, the first job message fetched while every slot was busy (see take()).
+        self.held: dict[tuple[str, int], Message] = {}
         self.stopping = threading.Event()
 
     # ---- the loop -------------------------------------------------------------------------
@@ -52,7 +54,7 @@ class Worker:
         self._wait_for_servers()
         self.settings.workdir.mkdir(parents=True, exist_ok=True)
         jobs = make_consumer(self.settings, self.settings.worker_group, **{"max.poll.interval.ms": 600_000})
-        jobs.subscribe([self.settings.topic_jobs], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        jobs.subscribe([self.settings.topic_jobs], on_revoke=self._on_revoke)
         # Every worker sees every control command: a group of its own, from now on.
         control = make_consumer(self.settings, f"retrain-control-{self.worker_id}", **{"auto.offset.reset": "latest", "enable.auto.commit": True})
         control.subscribe([self.settings.topic_control])
@@ -97,9 +99,17 @@ class Worker:
                 log.warning("kafka: %s", message.error())
             return
         if len(self.running) >= self.capacity:
-            # Fetched before the pause took effect: put it back for later (or for another worker).
-            self.consumer.seek(TopicPartition(message.topic(), message.partition(), message.offset()))
-            self._pause_all()
+            # Every slot is busy: the partition's message is held here, and the partition paused,
+            # until a slot frees (then it starts at once: fetching a resumed partition again can
+            # take a second). A later one of the same partition, fetched before the pause took
+            # effect, is put back. Partitions with nothing held keep fetching, so whatever arrives
+            # while the worker is full is here when a slot frees. Nothing held is committed.
+            partition = TopicPartition(message.topic(), message.partition(), message.offset())
+            if (message.topic(), message.partition()) in self.held:
+                self.consumer.seek(partition)
+            else:
+                self.held[(message.topic(), message.partition())] = message
+            self.consumer.pause([partition])
             return
         try:
             job = JobMessage.model_validate_json(message.value())
@@ -119,8 +129,6 @@ class Worker:
         log.info("job %s: taken (%s, model %s)", job.job_id, job.spec.task, job.spec.model_name)
         self.offsets.started(message)
         self.running[self.pool.submit(execution.run)] = (message, execution)
-        if len(self.running) >= self.capacity:
-            self._pause_all()
 
     def finish_done_jobs(self) -> None:
         for future in [f for f in self.running if f.done()]:
@@ -132,7 +140,16 @@ class Worker:
             log.info("job %s: %s", execution.job_id, outcome.state if outcome else "left to the worker that holds it")
             self.offsets.finished(message)
             self._commit()
-            self._resume_all()
+        while self.held and len(self.running) < self.capacity:  # the oldest held message first
+            (topic, partition), message = next(iter(self.held.items()))
+            del self.held[(topic, partition)]
+            try:
+                self.take(message)
+            except Exception:
+                self.consumer.seek(TopicPartition(topic, partition, message.offset()))  # fetched again
+                raise
+            finally:
+                self.consumer.resume([TopicPartition(topic, partition)])
 
     def on_control(self, message: Message) -> None:
         try:
@@ -169,22 +186,12 @@ class Worker:
             log.warning("commit failed (%s); will retry", err)
             self.commit_pending = True
 
-    def _pause_all(self) -> None:
-        self.consumer.pause(self.consumer.assignment())
-
-    def _resume_all(self) -> None:
-        if len(self.running) < self.capacity:
-            self.consumer.resume(self.consumer.assignment())
-
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # A rebalance forgets pauses: a full worker must not start fetching again.
-        if len(self.running) >= self.capacity:
-            consumer.pause(partitions)
-
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Their next owner commits them; jobs of theirs still running here finish here (their
         # lease keeps the new owner from starting them a second time).
         self.offsets.forget(partitions)
+        for tp in partitions:  # not started: the partition's next owner gets it from the committed offset
+            self.held.pop((tp.topic, tp.partition), None)
 
     def stop(self, *_args) -> None:
         """Graceful shutdown: running jobs are stopped but not recorded, so their offsets stay
