@@ -43,6 +43,21 @@ class Job(Base):
     outputs: Mapped[list[str]] = mapped_column(JSON, default=list)  # result files of jobs that make no model
 
 
+class JobEventRecord(Base):
+    """An event that changed a job, as the API applied it (validated data only), in the order it
+    was applied: what GET /v1/jobs/{id}/events replays. `seq` is the Server-Sent Events id a
+    client resumes from (Last-Event-ID). A table of its own, so an older database gains it from
+    create_all."""
+
+    __tablename__ = "job_events"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(36), index=True)
+    type: Mapped[str] = mapped_column(String(16))
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
 class OutboxMessage(Base):
     """A Kafka message written in the same transaction as the job it belongs to; the relay
     publishes it and deletes it only once the broker acknowledged it."""

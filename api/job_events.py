@@ -13,10 +13,10 @@ import logging
 import threading
 
 from pydantic import BaseModel, Field, ValidationError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.db import Database, Job, OutboxMessage
+from api.db import Database, Job, JobEventRecord, OutboxMessage
 from jobs.events import EventType, JobEvent, ProgressRecord
 from jobs.kafka import make_consumer, make_producer
 from jobs.lifecycle import Outcome, transition
@@ -24,6 +24,10 @@ from jobs.settings import Settings
 from models_store import ModelStore
 
 log = logging.getLogger(__name__)
+
+# Progress events kept per job for the replay of GET /v1/jobs/{id}/events (a trainer may report
+# every step); beyond it the row still follows each one, and started / final events are always kept.
+MAX_PROGRESS_EVENTS_PER_JOB = 5000
 
 
 class Started(BaseModel):
@@ -45,11 +49,13 @@ def apply_event(session: Session, event: JobEvent) -> None:
         started = Started.model_validate(data)
         job.started_at, job.worker = event.time, started.worker
         job.attempts = started.attempt or job.attempts + 1
+        kept = started.model_dump(exclude_none=True)
     elif event.type == EventType.progress:
         progress = ProgressRecord.model_validate({k: v for k, v in data.items() if k in ProgressRecord.model_fields})
         job.epoch, job.epochs, job.step = progress.epoch, progress.epochs, progress.step
         if progress.metrics:
             job.metrics = {**(job.metrics or {}), **progress.metrics}
+        kept = progress.model_dump(exclude_none=True)
     else:  # succeeded, failed, cancelled
         outcome = Outcome.from_event(event.type, data)
         job.model_version = outcome.model_version
@@ -57,8 +63,25 @@ def apply_event(session: Session, event: JobEvent) -> None:
         job.metrics = outcome.metrics or job.metrics
         job.error = outcome.reason
         job.finished_at = event.time
+        kept = outcome.event_data()
     job.state, job.updated_at = state, event.time
+    _keep(session, event, kept)
     session.commit()
+
+
+def _keep(session: Session, event: JobEvent, data: dict) -> None:
+    """The event, with its validated data, for the job's event stream; an event applied again
+    (the consumer re-reads a batch after a crash) is kept once."""
+    same = select(JobEventRecord.seq).where(
+        JobEventRecord.job_id == event.job_id, JobEventRecord.type == event.type, JobEventRecord.time == event.time)
+    if session.scalar(same.limit(1)) is not None:
+        return
+    if event.type == EventType.progress:
+        kept = session.scalar(select(func.count()).select_from(JobEventRecord).where(
+            JobEventRecord.job_id == event.job_id, JobEventRecord.type == EventType.progress))
+        if kept >= MAX_PROGRESS_EVENTS_PER_JOB:
+            return
+    session.add(JobEventRecord(job_id=event.job_id, type=event.type.value, time=event.time, data=data))
 
 
 def settle(session: Session, store: ModelStore, settings: Settings, job_id: str, outcome: Outcome) -> Outcome:

@@ -21,6 +21,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from api import checker
 from api.db import Database
+from api.event_stream import StreamSlots
 from api.job_events import JobEventsConsumer
 from api.limits import BodySizeLimit
 from api.outbox import OutboxRelay
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.db = Database(settings.database_url)
         state.store = make_store(settings)
         state.events = JobEventsConsumer(state.db, settings)
+        state.event_streams = StreamSlots(settings.event_streams_max)
         state.setup = Setup(state.store, settings, on_topics=state.events.start)
         state.outbox = OutboxRelay(state.db, settings, store=state.store, ready=state.setup.topics)
         state.setup.start()

@@ -35,6 +35,11 @@ class Settings(BaseSettings):
     api_port: int = 8000
     max_upload_bytes: int = 2 * 1024**3  # per uploaded file
     public_url: str = ""  # base of status_url; empty = relative URLs
+    # GET /v1/jobs/{id}/events (Server-Sent Events): streams open at once (503 over it), how
+    # often each looks for new events, and the keep-alive comment's period (s).
+    event_streams_max: int = 200
+    event_streams_poll_s: float = 0.5
+    event_streams_keepalive_s: float = 15.0
 
     # Images a job spec may name (bring your own image): allowed name prefixes.
     allowed_images: list[str] = ["retrain/"]

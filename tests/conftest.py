@@ -99,6 +99,37 @@ def in_process_api(app_settings: Settings, ready: bool = False):
         yield client
 
 
+@contextmanager
+def served_api(app_settings: Settings):
+    """The API app served by a real uvicorn in a thread of this process, on a free port, ready
+    (/readyz 200); yields its base URL. For what a TestClient cannot show (a stream read while
+    it is written)."""
+    import threading
+
+    import uvicorn
+
+    from api.main import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(app_settings), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{base}/readyz", timeout=10).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_until(ready, 60, "the API to be ready")
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
 @pytest.fixture(scope="session")
 def clips(keyword_data) -> list[tuple[str, bytes, str]]:
     """Two real clips of different words from the generated data set, as (name, bytes, label)."""

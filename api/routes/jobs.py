@@ -6,12 +6,14 @@ import re
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Path, Query, Request, UploadFile, status
+from fastapi import APIRouter, File, Form, Header, HTTPException, Path, Query, Request, UploadFile, status
 from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from api.db import Job, OutboxMessage
 from api.deps import SessionDep, SettingsDep, StoreDep
+from api.event_stream import job_event_stream, parse_last_event_id
 from api.schemas import JobCreated, JobList, JobOut, Progress
 from api.submissions import Upload, submit_job
 from api.job_events import settle
@@ -108,6 +110,28 @@ def _get(session, job_id: str) -> Job:
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: JobId, request: Request, session: SessionDep) -> JobOut:
     return job_out(_get(session, job_id), request)
+
+
+@router.get("/{job_id}/events", response_class=StreamingResponse,
+            responses={200: {"content": {"text/event-stream": {}}, "description": "the job's events, then new ones until the final one"}})
+async def job_events(
+    job_id: JobId, request: Request, settings: SettingsDep,
+    last_event_id: Annotated[str | None, Header(max_length=32, description="resume after this event id")] = None,
+) -> StreamingResponse:
+    """The job's events as Server-Sent Events (api/event_stream.py): its past events first, then
+    each new one, closing after the final one."""
+    db = request.app.state.db
+    after = parse_last_event_id(last_event_id)
+    await run_in_threadpool(_exists, db, job_id)
+    slots = request.app.state.event_streams
+    slots.take()
+    stream = job_event_stream(db, settings, slots, job_id, after, request.is_disconnected)
+    return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _exists(db, job_id: str) -> None:
+    with db.sessions() as session:
+        _get(session, job_id)
 
 
 @router.get("/{job_id}/artifact")

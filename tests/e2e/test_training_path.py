@@ -70,3 +70,15 @@ def test_the_trainer_log_is_kept_with_the_job(api, trained):
     assert log.status_code == 200
     # The validated progress records, as the worker took them (the run's token is not kept).
     assert 'retrain-progress {"epoch":1,' in log.text
+
+
+def test_the_job_s_events_replay_as_server_sent_events(api, trained):
+    from tests.integration.test_event_stream import read_stream
+
+    events = [event for _, event in read_stream(api, trained["id"])]  # returns: the stream closes after the final event
+    types = [e["type"] for e in events]
+    assert types[0] == "started" and types[-1] == "succeeded" and set(types[1:-1]) == {"progress"}, types
+    epochs = [e["epoch"] for e in events if e["type"] == "progress" and "epoch" in e]
+    assert epochs and epochs == sorted(epochs) and epochs[-1] == trained["progress"]["epoch"]
+    assert any(e.get("metrics") for e in events if e["type"] == "progress")
+    assert events[-1]["model_version"] == trained["model_version"]

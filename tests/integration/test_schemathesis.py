@@ -6,19 +6,15 @@ The API runs in a real uvicorn (in a thread of this process) on the real Kafka a
 operation is bounded so the run stays within a couple of minutes on two cores. Three real jobs
 are submitted first, so listings and cursors have rows to page through."""
 
-import threading
-import time
 
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
 
 from api.main import create_app
-from deploy.local.stack import free_port
-from tests.conftest import isolated
+from tests.conftest import isolated, served_api
 from tests.integration.test_api_faults import make_zip, tone
 
 pytestmark = pytest.mark.integration
@@ -28,32 +24,16 @@ EXAMPLES = 100  # per operation and phase (about a minute in all on two cores)
 
 @pytest.fixture(scope="module")
 def api_url(settings, tmp_path_factory):
-    app_settings = isolated(settings, tmp_path_factory, "fuzz", max_upload_bytes=1024 * 1024)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(app_settings), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=10).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "the API did not become ready"
-        time.sleep(0.2)
-    # A real job in the database, so listings and their cursors have something to page through.
-    files = {
-        "dataset": ("dataset.csv", b"audio,label\nlow.wav,low\nhigh.wav,high\n", "text/csv"),
-        "audio": ("audio.zip", make_zip({"low.wav": tone(220), "high.wav": tone(880)}), "application/zip"),
-    }
-    spec = '{"task": "audio_classification", "model_name": "fuzz"}'
-    for _ in range(3):
-        assert httpx.post(f"{base}/v1/jobs", data={"spec": spec}, files=files, timeout=60).status_code == 202
-    yield base
-    server.should_exit = True
-    thread.join(timeout=30)
+    with served_api(isolated(settings, tmp_path_factory, "fuzz", max_upload_bytes=1024 * 1024)) as base:
+        # A real job in the database, so listings and their cursors have something to page through.
+        files = {
+            "dataset": ("dataset.csv", b"audio,label\nlow.wav,low\nhigh.wav,high\n", "text/csv"),
+            "audio": ("audio.zip", make_zip({"low.wav": tone(220), "high.wav": tone(880)}), "application/zip"),
+        }
+        spec = '{"task": "audio_classification", "model_name": "fuzz"}'
+        for _ in range(3):
+            assert httpx.post(f"{base}/v1/jobs", data={"spec": spec}, files=files, timeout=60).status_code == 202
+        yield base
 
 
 # The spec is the app's own (it does not depend on the settings): taken at import, so pytest
