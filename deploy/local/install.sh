@@ -72,10 +72,10 @@ log "uv: $(uv --version)"
 
 cd "$ROOT"
 
-# --- service env: .venv (api + worker + dev, no PyTorch) -------------------------------
+# --- service env: .venv (api + worker + client + dev, no PyTorch) -------------------------------
 if [[ "${RETRAIN_SKIP_SERVICE_ENV:-0}" != 1 ]]; then
-    log "service env: uv sync --frozen --extra api --extra worker --extra dev -> .venv"
-    uv sync -q --frozen --extra api --extra worker --extra dev
+    log "service env: uv sync --frozen --extra api --extra worker --extra client --extra dev -> .venv"
+    uv sync -q --frozen --extra api --extra worker --extra client --extra dev
 fi
 
 # --- trainer env: .venv-trainer (PyTorch and friends) ----------------------------------
