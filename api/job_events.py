@@ -11,6 +11,7 @@ the dead-letter topic with the reason, and skipped. Nothing an event holds stops
 import json
 import logging
 import threading
+from collections.abc import Callable
 
 from pydantic import BaseModel, Field, ValidationError
 from sqlalchemy import func, select
@@ -35,15 +36,16 @@ class Started(BaseModel):
     attempt: int | None = Field(None, ge=1, le=1_000_000)
 
 
-def apply_event(session: Session, event: JobEvent) -> None:
-    """Fold one event into its job's row and commit. Raises ValidationError when the event's data
-    is not what its type promises (nothing is changed then)."""
+def apply_event(session: Session, event: JobEvent) -> Job | None:
+    """Fold one event into its job's row and commit; returns the row when the event changed it.
+    Raises ValidationError when the event's data is not what its type promises (nothing is
+    changed then)."""
     job = session.scalar(select(Job).where(Job.id == event.job_id))
     if job is None:
-        return
+        return None
     state = transition(job.state, event.type)
     if state is None:
-        return
+        return None
     data = event.data
     if event.type == EventType.started:
         started = Started.model_validate(data)
@@ -67,6 +69,7 @@ def apply_event(session: Session, event: JobEvent) -> None:
     job.state, job.updated_at = state, event.time
     _keep(session, event, kept)
     session.commit()
+    return job
 
 
 def _keep(session: Session, event: JobEvent, data: dict) -> None:
@@ -102,9 +105,9 @@ class JobEventsConsumer(threading.Thread):
     waited out (the client reconnects); a bad event is dead-lettered and skipped; any other
     error is logged and the batch retried, so the thread only ends when the API stops."""
 
-    def __init__(self, db: Database, settings: Settings):
+    def __init__(self, db: Database, settings: Settings, on_change: Callable[[Job], None] | None = None):
         super().__init__(name="job-events", daemon=True)
-        self.db, self.settings = db, settings
+        self.db, self.settings, self.on_change = db, settings, on_change
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -140,7 +143,9 @@ class JobEventsConsumer(threading.Thread):
         try:
             event = JobEvent.model_validate_json(message.value() or b"")
             with self.db.sessions() as session:
-                apply_event(session, event)
+                changed = apply_event(session, event)
+            if changed is not None and self.on_change is not None:
+                self.on_change(changed)  # the API's metrics
         except (ValidationError, ValueError, TypeError) as err:
             reason = f"not a valid job event: {err}"[:2000]
             log.error("job events: offset %s skipped: %s", message.offset(), reason)

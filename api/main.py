@@ -24,6 +24,7 @@ from api.db import Database
 from api.event_stream import StreamSlots
 from api.job_events import JobEventsConsumer
 from api.limits import BodySizeLimit
+from api.metrics import ApiMetrics, RequestMetrics
 from api.outbox import OutboxRelay
 from api.routes import health, jobs, models
 from api.validation import InputError
@@ -118,7 +119,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.settings = settings
         state.db = Database(settings.database_url)
         state.store = make_store(settings)
-        state.events = JobEventsConsumer(state.db, settings)
+        state.events = JobEventsConsumer(state.db, settings, on_change=state.metrics.observe_job)
         state.event_streams = StreamSlots(settings.event_streams_max)
         state.setup = Setup(state.store, settings, on_topics=state.events.start)
         state.outbox = OutboxRelay(state.db, settings, store=state.store, ready=state.setup.topics)
@@ -139,6 +140,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Send labelled recordings (and optionally your current model); get back a better model.",
         lifespan=lifespan,
     )
+    app.state.metrics = ApiMetrics(app.state)
+    app.add_middleware(RequestMetrics, metrics=app.state.metrics)
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics():  # Prometheus text format (api/metrics.py)
+        return app.state.metrics.response()
+
     # The whole multipart body may hold three files, each up to max_upload_bytes.
     app.add_middleware(BodySizeLimit, max_bytes=3 * settings.max_upload_bytes + 1024 * 1024)
 

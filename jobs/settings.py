@@ -51,6 +51,9 @@ class Settings(BaseSettings):
     trainer_python: str = ".venv-trainer/bin/python"  # process runner
     trainer_dir: Path = Path("trainer_images")  # process runner
     concurrency: int = 0  # jobs at once; 0 = one per GPU, at least 1
+    # The worker's Prometheus metrics (worker/metrics.py) at http://host:port/metrics; 0 = off.
+    worker_metrics_port: int = 0
+    worker_metrics_host: str = "127.0.0.1"
     gpus: str | None = None  # GPU ids ("0,1"); unset = discover (NVML, nvidia-smi); "" = none
     job_deadline_s: int = 6 * 3600
     # Container defaults (docker runner) for what a job's spec.resources leaves unset.

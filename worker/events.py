@@ -222,8 +222,10 @@ class TrainerOutputRelay:
     """
 
     def __init__(self, events: EventPublisher, job_id: str, token: str | None, log_path: Path,
-                 limits: RelayLimits | None = None, clock: Callable[[], float] = time.monotonic):
+                 limits: RelayLimits | None = None, clock: Callable[[], float] = time.monotonic,
+                 on_epoch: Callable[[float], None] | None = None):
         self.events, self.job_id, self.token = events, job_id, token
+        self.clock, self.on_epoch, self.last_epoch = clock, on_epoch, None  # (epoch, clock time) last seen
         self.limits = limits or RelayLimits()
         self.log_file = BoundedLogFile(log_path, self.limits.log_file_max_bytes)
         self.log_bucket = TokenBucket(self.limits.log_events_per_s, self.limits.log_events_burst, clock)
@@ -260,6 +262,7 @@ class TrainerOutputRelay:
         if parsed.type == EventType.progress:
             self.log_file.write_line(f"{PROGRESS_PREFIX} {_json(parsed.data)}")
             self.pending_progress = parsed.data
+            self._time_epoch(parsed.data.get("epoch"))
         else:
             self.log_file.write_line(parsed.data["line"])
             if parsed.warning:
@@ -267,6 +270,15 @@ class TrainerOutputRelay:
                 self._warn(parsed.warning)
             self._log_event(parsed.data)
         self._flush_progress()
+
+    def _time_epoch(self, epoch: int | None) -> None:
+        if epoch is None or self.on_epoch is None:
+            return
+        now = self.clock()
+        if self.last_epoch is not None and epoch > self.last_epoch[0]:
+            self.on_epoch((now - self.last_epoch[1]) / (epoch - self.last_epoch[0]))
+        if self.last_epoch is None or epoch != self.last_epoch[0]:
+            self.last_epoch = (epoch, now)
 
     def _flush_progress(self, force: bool = False) -> None:
         if self.pending_progress is not None and (force or self.progress_bucket.take()):

@@ -53,6 +53,7 @@ class JobExecution:
     events: EventPublisher
     worker_id: str
     gpus: GpuAllocator
+    on_epoch: Callable[[float], None] | None = None  # seconds per training epoch, for the worker's metrics
     cancel: threading.Event = field(default_factory=threading.Event)
     abandoned: threading.Event = field(default_factory=threading.Event)
 
@@ -174,7 +175,7 @@ class JobExecution:
                 request = self._request(gpu_ids)
                 # Bounded train.log, validated progress (this run's token), rate-limited logs.
                 with TrainerOutputRelay(self.events, self.job_id, request.progress_token, log_path,
-                                        RelayLimits.from_settings(self.settings)) as relay:
+                                        RelayLimits.from_settings(self.settings), on_epoch=self.on_epoch) as relay:
                     result = self.runner.run(request, on_line=relay, cancel=self.cancel)
         except InterruptedError:  # cancelled while waiting for a GPU
             result = None

@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
@@ -27,6 +28,7 @@ from models_store import ModelStore
 from worker.events import EventPublisher
 from worker.execution import JobExecution
 from worker.gpus import GpuAllocator
+from worker.metrics import WorkerMetrics
 from worker.offsets import OffsetTracker
 from worker.runners.base import Runner
 
@@ -46,11 +48,16 @@ class Worker:
         self.commit_pending = False
         # Per partition, the first job message fetched while every slot was busy (see take()).
         self.held: dict[tuple[str, int], Message] = {}
+        self.metrics = WorkerMetrics(capacity, self.gpus)
+        self.taken_at: dict[Future, float] = {}
+        self.lag_checked = 0.0
         self.stopping = threading.Event()
 
     # ---- the loop -------------------------------------------------------------------------
 
     def run(self) -> None:
+        if self.settings.worker_metrics_port:
+            self.metrics.serve(self.settings.worker_metrics_port, self.settings.worker_metrics_host)
         self._wait_for_servers()
         self.settings.workdir.mkdir(parents=True, exist_ok=True)
         jobs = make_consumer(self.settings, self.settings.worker_group, **{"max.poll.interval.ms": 600_000})
@@ -74,6 +81,7 @@ class Worker:
                     self.finish_done_jobs()
                     if self.commit_pending:
                         self._commit()
+                    self._measure_lag()
                 except Exception:  # a fault outside any one job: log it and go on
                     log.exception("worker loop")
                     self.stopping.wait(1.0)
@@ -125,15 +133,21 @@ class Worker:
             self._commit()
             return
         # Whether it already has an outcome, or runs on another worker, JobExecution finds out.
-        execution = JobExecution(job, self.settings, self.store, self.runner, self.events, self.worker_id, self.gpus)
+        execution = JobExecution(job, self.settings, self.store, self.runner, self.events, self.worker_id, self.gpus,
+                                 on_epoch=self.metrics.epoch_seconds.observe)
         log.info("job %s: taken (%s, model %s)", job.job_id, job.spec.task, job.spec.model_name)
         self.offsets.started(message)
-        self.running[self.pool.submit(execution.run)] = (message, execution)
+        future = self.pool.submit(execution.run)
+        self.running[future], self.taken_at[future] = (message, execution), time.monotonic()
+        self.metrics.running.set(len(self.running))
 
     def finish_done_jobs(self) -> None:
         for future in [f for f in self.running if f.done()]:
             message, execution = self.running.pop(future)
             outcome = future.result()
+            self.metrics.running.set(len(self.running))
+            self.metrics.job_seconds.observe(time.monotonic() - self.taken_at.pop(future))
+            self.metrics.finished.labels(outcome.state.value if outcome else "left").inc()
             if outcome is None and execution.abandoned.is_set():
                 continue  # worker shutdown: left uncommitted for the next worker
             # Finished here, or another worker took the job's lease over (its copy is its own).
@@ -185,6 +199,21 @@ class Worker:
         except Exception as err:  # Kafka away, or a rebalance meanwhile: try again from the loop
             log.warning("commit failed (%s); will retry", err)
             self.commit_pending = True
+
+    def _measure_lag(self, every_s: float = 5.0) -> None:
+        """Messages not yet read, per owned partition (for /metrics), every few seconds."""
+        if time.monotonic() - self.lag_checked < every_s:
+            return
+        self.lag_checked = time.monotonic()
+        lags = {}
+        try:
+            for tp in self.consumer.position(self.consumer.assignment()):
+                low, high = self.consumer.get_watermark_offsets(tp, timeout=2)
+                lags[tp.partition] = max(0, high - (tp.offset if tp.offset >= 0 else low))
+        except Exception as err:  # Kafka away: the last figures stay
+            log.debug("consumer lag not measured: %s", err)
+            return
+        self.metrics.set_lag(lags)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Their next owner commits them; jobs of theirs still running here finish here (their

@@ -202,4 +202,5 @@ def cancel_job(job_id: str, request: Request, session: SessionDep, store: StoreD
     if outcome.state != JobState.cancelled:
         raise HTTPException(status.HTTP_409_CONFLICT, detail={"field": "job_id", "error": f"job already {outcome.state}"})
     session.refresh(job)
+    request.app.state.metrics.observe_job(job)
     return job_out(job, request)

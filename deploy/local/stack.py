@@ -225,6 +225,11 @@ class Stack:
     def api_url(self) -> str:
         return f"http://{self.host}:{self.api_port}"
 
+    def metrics_url(self, name: str = "worker") -> str:
+        """A worker's Prometheus endpoint (each worker gets a free port when it starts)."""
+        port = int((self.run_dir / f"{name}.metrics-port").read_text())
+        return f"http://{self.host}:{port}/metrics"
+
     @property
     def database_url(self) -> str:
         return self._database_url or f"sqlite:///{self.run_dir / 'retrain.db'}"
@@ -516,8 +521,11 @@ log4j.logger.kafka.log=WARN
         self.workdir.mkdir(parents=True, exist_ok=True)
         # A stable id per named worker: a restarted worker finds the containers of its last life.
         worker_id = self.extra_env.get("RETRAIN_WORKER_ID", f"{socket.gethostname()}-{name}")
-        env = {**self._service_env(), "RETRAIN_WORKER_ID": worker_id}
-        self._spawn(name, [self.python, "-m", "worker"], env, ())
+        port = free_port()
+        (self.run_dir / f"{name}.metrics-port").write_text(str(port))
+        env = {**self._service_env(), "RETRAIN_WORKER_ID": worker_id,
+               "RETRAIN_WORKER_METRICS_PORT": str(port), "RETRAIN_WORKER_METRICS_HOST": self.host}
+        self._spawn(name, [self.python, "-m", "worker"], env, (port,))
 
     # --- readiness
 
@@ -527,7 +535,7 @@ log4j.logger.kafka.log=WARN
             "kafka": self._kafka_ready,
             "minio": lambda: _http_ok(f"{self.minio_url}/minio/health/ready"),
             "api": lambda: _http_ok(f"{self.api_url}/healthz"),
-            "worker": lambda: True,
+            "worker": lambda: _http_ok(self.metrics_url(name)),
         }[kind]
         # A worker has no endpoint: alive after a short grace (imports done, settings
         # parsed, Kafka connected or at least not crashed) is what we can check.

@@ -82,3 +82,29 @@ def test_the_job_s_events_replay_as_server_sent_events(api, trained):
     assert epochs and epochs == sorted(epochs) and epochs[-1] == trained["progress"]["epoch"]
     assert any(e.get("metrics") for e in events if e["type"] == "progress")
     assert events[-1]["model_version"] == trained["model_version"]
+
+
+def test_the_api_and_the_worker_export_metrics_of_the_job(api, service, trained):
+    import httpx
+
+    from tests.integration.test_metrics import samples
+
+    worker = {(f.name, s.name, tuple(sorted(s.labels.items()))): s.value
+              for f in text_families(httpx.get(service.metrics_url("worker"), timeout=10).text) for s in f.samples}
+    assert worker[("retrain_worker_capacity", "retrain_worker_capacity", ())] >= 1
+    assert worker[("retrain_worker_jobs", "retrain_worker_jobs_total", (("outcome", "succeeded"),))] >= 1
+    # Training throughput: one observation per epoch after the first, of a few seconds each.
+    epochs = worker[("retrain_worker_epoch_seconds", "retrain_worker_epoch_seconds_count", ())]
+    assert epochs >= trained["progress"]["epoch"] - 1 > 0
+    assert 0 < worker[("retrain_worker_epoch_seconds", "retrain_worker_epoch_seconds_sum", ())] / epochs < 600
+    assert any(name == "retrain_worker_consumer_lag" for name, _, _ in worker)
+    seen = samples(api)
+    assert seen[("retrain_dispatch_seconds_count", ())] >= 1
+    assert seen[("retrain_job_seconds_count", (("state", "succeeded"),))] >= 1
+    assert seen[("retrain_jobs", (("state", "succeeded"),))] >= 1
+
+
+def text_families(text: str):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return text_string_to_metric_families(text)
