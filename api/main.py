@@ -8,11 +8,13 @@ never a bare 500.
 
 import logging
 import threading
+from pathlib import Path
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from minio.error import S3Error, ServerError
 from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -194,6 +196,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_exception_handler(error_class, lambda _request, err: _unavailable("database", err))
 
     app.include_router(health.router)
+
+    # The dashboard (api/ui): static files that call this API.
+    @app.get("/", include_in_schema=False)
+    @app.get("/ui", include_in_schema=False)
+    def to_dashboard():
+        return RedirectResponse("/ui/")
+
+    app.mount("/ui/", StaticFiles(directory=Path(__file__).parent / "ui", html=True), name="ui")
     app.include_router(jobs.router)
     app.include_router(models.router)
     return app

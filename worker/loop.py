@@ -61,7 +61,7 @@ class Worker:
         self._wait_for_servers()
         self.settings.workdir.mkdir(parents=True, exist_ok=True)
         jobs = make_consumer(self.settings, self.settings.worker_group, **{"max.poll.interval.ms": 600_000})
-        jobs.subscribe([self.settings.topic_jobs], on_revoke=self._on_revoke)
+        jobs.subscribe([self.settings.topic_jobs], on_assign=self._on_assign, on_revoke=self._on_revoke)
         # Every worker sees every control command: a group of its own, from now on.
         control = make_consumer(self.settings, f"retrain-control-{self.worker_id}", **{"auto.offset.reset": "latest", "enable.auto.commit": True})
         control.subscribe([self.settings.topic_control])
@@ -214,6 +214,13 @@ class Worker:
             log.debug("consumer lag not measured: %s", err)
             return
         self.metrics.set_lag(lags)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # librdkafka keeps a partition's pause across a rebalance: one paused for a held message
+        # that the rebalance dropped would never be fetched again. Nothing is held for newly
+        # assigned partitions, so they all fetch (and hold again, while the worker is full).
+        consumer.assign(partitions)
+        consumer.resume(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Their next owner commits them; jobs of theirs still running here finish here (their

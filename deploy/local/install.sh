@@ -19,7 +19,7 @@ set -euo pipefail
 # Versions are pinned here and in deploy/local/stack.py (which reads the same paths).
 KAFKA_VERSION=3.9.1
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
-APT_PACKAGES=(espeak-ng sox libsox-fmt-all ffmpeg libsndfile1 docker.io debootstrap)
+APT_PACKAGES=(espeak-ng flite sox libsox-fmt-all ffmpeg libsndfile1 docker.io debootstrap chromium)
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
