@@ -75,10 +75,11 @@ def _rebuild_fd(dup) -> int:
 
 def check_dataset(
     dataset: BinaryIO, dataset_name: str, audio: BinaryIO | None, audio_name: str | None,
-    task: Task, limits: UploadLimits, check: CheckLimits,
+    task: Task, limits: UploadLimits, check: CheckLimits, fields: tuple[str, str] = ("dataset", "audio"),
 ) -> DatasetSummary:
     """The CSV and the clips it names, checked in a bounded child; raises the InputError the
-    checks raised there, or a 413 when the child ran out of the CPU, memory or time allowed."""
+    checks raised there, or a 413 when the child ran out of the CPU, memory or time allowed.
+    `fields`: the form fields of the CSV and of the archive, as refusals name them."""
     receive, send = _context.Pipe(duplex=False)
     child = _context.Process(
         target=_child, name="retrain-dataset-check", daemon=True,
@@ -99,11 +100,12 @@ def check_dataset(
             if upload is not None:
                 upload.seek(0)
     if answer is None:
-        raise InputError("dataset", f"could not be checked within the CPU, memory and time allowed for one upload "
+        raise InputError(fields[0], f"could not be checked within the CPU, memory and time allowed for one upload "
                          f"({check.cpu_seconds} s of CPU, {check.memory_bytes // 1024**2} MiB, {check.timeout_s:g} s)",
                          file=dataset_name, status=413)
     kind, value = answer
     if kind == "refused":
+        value["field"] = dict(zip(("dataset", "audio"), fields)).get(value["field"], value["field"])
         raise InputError(**value)
     if kind == "bug":
         raise RuntimeError(f"dataset check failed: {value}")

@@ -27,6 +27,20 @@ class Upload:
     size: int
 
 
+@dataclass
+class Uploads:
+    """The files of one submission (form fields of POST /v1/jobs)."""
+
+    dataset: Upload
+    audio: Upload | None = None
+    model: Upload | None = None
+    heldout: Upload | None = None  # spec.promote's held-out CSV ...
+    heldout_audio: Upload | None = None  # ... and the archive of the clips it names
+
+    def present(self) -> list[tuple[str, Upload]]:
+        return [(field, upload) for field, upload in vars(self).items() if upload is not None]
+
+
 def parse_spec(text: str, settings: Settings | None = None) -> JobSpec:
     """The `spec` form field -> a JobSpec, or an InputError whose field names the part at fault
     (`spec`, `spec.task`, `spec.hyperparameters.<name>`, ...). The schema (jobs/spec.py) fixes
@@ -68,14 +82,13 @@ def parse_spec(text: str, settings: Settings | None = None) -> JobSpec:
     return spec
 
 
-def submit_job(
-    spec_text: str, dataset: Upload, audio: Upload | None, model: Upload | None,
-    store: ModelStore, session: Session, settings: Settings,
-) -> Job:
+def submit_job(spec_text: str, uploads: Uploads, store: ModelStore, session: Session, settings: Settings) -> Job:
     spec = parse_spec(spec_text, settings)  # this app's bounds, before any upload is looked at
-    for upload, field in ((dataset, "dataset"), (audio, "audio"), (model, "model")):
-        if upload is not None and upload.size > settings.max_upload_bytes:
+    dataset, audio, model = uploads.dataset, uploads.audio, uploads.model
+    for field, upload in uploads.present():
+        if upload.size > settings.max_upload_bytes:
             raise InputError(field, f"is {upload.size} bytes; the limit is {settings.max_upload_bytes}", file=upload.filename, status=413)
+    _check_promotion(spec, uploads)
 
     if spec.image is not None and not any(spec.image.startswith(prefix) for prefix in settings.allowed_images):
         raise InputError("spec.image", f"image {spec.image!r} is not allowed here; allowed prefixes: {settings.allowed_images}")
@@ -98,6 +111,13 @@ def submit_job(
     check_dataset(dataset.file, dataset.filename, audio.file if audio else None, audio.filename if audio else None,
                   spec.task, limits, CheckLimits.from_settings(settings))
     audio_kind = archive_kind(audio.file) if audio else None
+    heldout, heldout_audio = uploads.heldout, uploads.heldout_audio
+    if heldout is not None:  # the same checks as the training set, in the same bounded child
+        if heldout.size > limits.csv_max_bytes:
+            raise InputError("heldout", f"is {heldout.size} bytes; the limit is {limits.csv_max_bytes}", file=heldout.filename, status=413)
+        check_dataset(heldout.file, heldout.filename, heldout_audio.file if heldout_audio else None,
+                      heldout_audio.filename if heldout_audio else None, spec.task, limits, CheckLimits.from_settings(settings),
+                      fields=("heldout", "heldout_audio"))
     model_kind = check_model_upload(model.file, model.filename, limits) if model else None
 
     # Everything checked: store the uploads, then commit the job and its messages together.
@@ -116,6 +136,13 @@ def submit_job(
             _put(store, inputs.model, model)
         if base_version is not None:
             inputs.base_model = store.artifact_key(spec.base.model, base_version)
+        if heldout is not None:
+            inputs.heldout = prefix + "heldout.csv"
+            _put(store, inputs.heldout, heldout, "text/csv")
+            if heldout_audio is not None:
+                kind = archive_kind(heldout_audio.file)
+                inputs.heldout_audio = prefix + ("heldout_audio.zip" if kind == "zip" else "heldout_audio.tar")
+                _put(store, inputs.heldout_audio, heldout_audio)
 
         now = utcnow()
         trainer = choose_trainer(model, base)
@@ -135,6 +162,20 @@ def submit_job(
         store.delete_prefix(store.job_prefix(job_id))
         raise
     return job
+
+
+def _check_promotion(spec: JobSpec, uploads: Uploads) -> None:
+    """spec.promote needs its held-out set; a held-out set is only for spec.promote."""
+    if spec.promote is None:
+        for field in ("heldout", "heldout_audio"):
+            if getattr(uploads, field) is not None:
+                raise InputError(field, "a held-out set is only used to decide a promotion: set spec.promote too")
+        return
+    if spec.task != Task.audio_classification:
+        raise InputError("spec.promote", f"champion / challenger promotion is for audio_classification jobs, not {spec.task.value}")
+    if uploads.heldout is None:
+        raise InputError("heldout", "spec.promote needs the held-out set both versions are scored on: "
+                         "upload it as heldout (CSV) and heldout_audio (archive)")
 
 
 def choose_trainer(model: Upload | None, base: VersionInfo | None) -> str:

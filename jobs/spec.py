@@ -16,6 +16,7 @@ import json
 import math
 import re
 from datetime import datetime
+from typing import Literal
 from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
@@ -164,6 +165,28 @@ class Resources(BaseModel):
     deadline_s: int | None = Field(None, ge=1, description="stop and fail the job with reason 'timeout' after this long")
 
 
+# Metrics a champion / challenger decision can be made on (classification, higher is better).
+PROMOTION_METRICS = ("accuracy", "macro_f1", "macro_precision", "macro_recall")
+
+
+class PromoteSpec(BaseModel):
+    """Promote the new version to `alias` only if it beats the alias's current holder on `metric`,
+    both scored by the same code on the held-out set uploaded with the job (heldout +
+    heldout_audio). Without a holder the new version takes the alias."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    alias: str = Field(pattern=ALIAS_PATTERN, description="e.g. production; not latest, which moves by itself")
+    metric: Literal[PROMOTION_METRICS] = "macro_f1"
+
+    @field_validator("alias")
+    @classmethod
+    def _not_latest(cls, alias: str) -> str:
+        if alias == "latest":
+            raise ValueError("latest moves to every new version by itself; promote to another alias")
+        return alias
+
+
 class JobSpec(BaseModel):
     """What the client sends as the `spec` form field."""
 
@@ -175,6 +198,7 @@ class JobSpec(BaseModel):
     base: BaseModelRef | None = None
     image: str | None = Field(None, max_length=255, pattern=IMAGE_PATTERN, description="a training image of your own (SageMaker contract), from the operator's allow-list")
     resources: Resources = Field(default_factory=Resources)
+    promote: PromoteSpec | None = None
 
     @field_validator("hyperparameters", mode="before")
     @classmethod
@@ -190,6 +214,8 @@ class JobInputs(BaseModel):
     audio: str | None = None
     model: str | None = None
     base_model: str | None = None  # artifact of the resolved stored base version
+    heldout: str | None = None  # spec.promote's held-out CSV, and its audio archive
+    heldout_audio: str | None = None
 
 
 class JobMessage(BaseModel):

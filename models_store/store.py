@@ -63,6 +63,9 @@ class VersionInfo(BaseModel):
     image: str | None = None  # the image it was trained in; None when trained as a host process
     metrics: dict[str, Any] = {}
     files: list[str] = []
+    # spec.promote's decision (worker/promotion.py): the alias, the metric, both held-out scores,
+    # the version that held the alias, and whether this one took it.
+    promotion: dict[str, Any] | None = None
 
 
 def make_store(settings: Settings) -> "ModelStore":
@@ -299,6 +302,24 @@ class ModelStore:
         self.put_json(prefix + "version.json", info.model_dump(mode="json"))  # the commit point
         self._advance_latest(name, version)
         return info
+
+    def move_alias_if(self, name: str, alias: str, version: int, expected: int | None) -> bool:
+        """Point `alias` at `version` only if it still points at `expected` (None: unset), a
+        compare-and-swap on the alias object; False when it moved meanwhile."""
+        key = f"models/{name}/aliases/{alias}.json"
+        current = self.get_json_tagged(key)
+        holder = int(current[0]["version"]) if current and current[0] else None
+        if holder != expected:
+            return False
+        return self.put_if(key, {"version": version, "updated_at": datetime.now(UTC)}, current[1] if current else None) is not None
+
+    def record_promotion(self, name: str, version: int, decision: dict[str, Any]) -> None:
+        """Add spec.promote's decision to the version's lineage (version.json)."""
+        info = self.get_version(name, version)
+        if info is None:
+            raise KeyError(f"model {name!r} has no version {version}")
+        self.put_json(self.version_prefix(name, version) + "version.json",
+                      info.model_copy(update={"promotion": decision}).model_dump(mode="json"))
 
     def _advance_latest(self, name: str, version: int) -> None:
         """Move `latest` to `version` unless it already points at a newer one: two jobs that

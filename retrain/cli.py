@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", metavar="NAME[:VERSION]", help="start from a stored model version (or alias)")
     p.add_argument("--model", help="your current model to start from (safetensors / ONNX / .keras / an archive)")
     p.add_argument("--image", help="a trainer image of your own (allowed prefixes only)")
+    p.add_argument("--promote", metavar="ALIAS[:METRIC]", help="move ALIAS (e.g. production) to the new version only if it "
+                   "beats the holder on the held-out set (METRIC: macro_f1 by default, or accuracy, ...)")
+    p.add_argument("--heldout", help="with --promote: the held-out CSV both versions are scored on")
+    p.add_argument("--heldout-audio", help="with --promote: its clips, a folder or an archive")
     p.add_argument("--wait", action="store_true", help="follow the job; exit 0 only if it succeeded")
 
     for name, text in (("watch", "follow a job live until it ends"), ("cancel", "cancel a job"), ("logs", "a job's trainer log")):
@@ -136,9 +140,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(client: Client, args: argparse.Namespace) -> int:
     if args.command == "submit":
+        promote = None
+        if args.promote:
+            alias, _, metric = args.promote.partition(":")
+            promote = {"alias": alias, "metric": metric or "macro_f1"}
         created = client.submit(args.dataset, task=args.task, model_name=args.model_name, audio=args.audio,
                                 hyperparameters=parse_hp(args.hp), base=args.base, model=args.model, image=args.image,
-                                on_upload=UploadBar())
+                                promote=promote, heldout=args.heldout, heldout_audio=args.heldout_audio, on_upload=UploadBar())
         print(created["id"], flush=True)
         return follow(client, created["id"]) if args.wait else 0
     if args.command == "watch":

@@ -94,18 +94,22 @@ class Client:
     def submit(
         self, dataset: str | Path, *, task: str, model_name: str, audio: str | Path | None = None,
         hyperparameters: dict[str, Any] | None = None, base: str | None = None, model: str | Path | None = None,
-        image: str | None = None, on_upload: Callable[[int, int], None] | None = None,
+        image: str | None = None, promote: dict | None = None, heldout: str | Path | None = None,
+        heldout_audio: str | Path | None = None, on_upload: Callable[[int, int], None] | None = None,
     ) -> dict:
         """Submit a job; returns the API's answer ({"id", "state", "status_url"}). `audio` is a
         folder (the files the CSV names are zipped here) or a zip/tar archive; `base` is
         NAME or NAME:VERSION (a number or an alias) of a stored model; `on_upload(sent, total)`
-        follows the upload."""
+        follows the upload. `promote` ({"alias": "production", "metric": "macro_f1"}) moves the
+        alias to the new version only if it beats the holder on `heldout` (CSV) + `heldout_audio`."""
         spec: dict[str, Any] = {"task": task, "model_name": model_name, "hyperparameters": hyperparameters or {}}
         if base:
             name, _, version = base.partition(":")
             spec["base"] = {"model": name, "version": int(version) if version.isdigit() else (version or "latest")}
         if image:
             spec["image"] = image
+        if promote:
+            spec["promote"] = promote
         dataset = Path(dataset)
         with tempfile.TemporaryDirectory(prefix="retrain-upload-") as tmp:
             paths = {"dataset": dataset}
@@ -114,6 +118,11 @@ class Client:
                 paths["audio"] = zip_folder(dataset, audio, Path(tmp) / f"{audio.name or 'audio'}.zip") if audio.is_dir() else audio
             if model is not None:
                 paths["model"] = Path(model)
+            if heldout is not None:
+                paths["heldout"] = Path(heldout)
+                if heldout_audio is not None:
+                    held = Path(heldout_audio)
+                    paths["heldout_audio"] = zip_folder(paths["heldout"], held, Path(tmp) / "heldout.zip") if held.is_dir() else held
             sizes = {field: path.stat().st_size for field, path in paths.items()}
             progress = _Progress(sum(sizes.values()), on_upload)
             files = {}

@@ -22,6 +22,7 @@ from typing import TypeVar
 
 from confluent_kafka import KafkaException
 
+from jobs.archive import ArchiveLimits
 from jobs.events import EventType
 from jobs.lifecycle import Outcome
 from jobs.settings import Settings
@@ -31,6 +32,7 @@ from worker.events import EventPublisher, RelayLimits, TrainerOutputRelay
 from worker.gpus import GpuAllocator
 from worker.lease import JobLease, LeaseKeeper, Taken
 from worker.outputs import OutputsTooLarge, collect_results
+from worker.promotion import decide_promotion
 from worker.runners.base import Outcome as RunOutcome
 from worker.runners.base import ResourceLimits, Runner, RunRequest
 from worker.staging import StagingError, stage_inputs
@@ -162,7 +164,16 @@ class JobExecution:
                 "trainer": self.message.trainer, "image": self.runner.image_for(self._request(())),
             },
         ))
+        if spec.promote is not None:
+            self._retry("decide the promotion", lambda: self._promote(info, results / "model"))
         return Outcome.succeeded(model_name=spec.model_name, model_version=info.version, metrics=_headline(info.metrics))
+
+    def _promote(self, info, model_dir) -> None:
+        log_path = self.settings.workdir / f"{self.job_id}.score.log"
+        decision = decide_promotion(self.store, self.runner, self.message, info, self.workspace, model_dir,
+                                    ArchiveLimits.from_settings(self.settings), self.cancel, log_path, deadline_s=3600)
+        self._best_effort(lambda: self.store.put_file(f"jobs/{self.job_id}/score.log", log_path, "text/plain"))
+        self._best_effort(lambda: self.events.emit(self.job_id, EventType.log, line=f"[retrain-worker] promotion: {decision['reason']}"))
 
     def _train(self, workspace: Workspace) -> Outcome | None:
         """Run the trainer; None when it succeeded, else how the job ends."""

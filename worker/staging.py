@@ -27,28 +27,33 @@ def stage_inputs(store: ModelStore, message: JobMessage, workspace: Workspace, l
     job = {**spec.model_dump(mode="json"), "job_id": message.job_id, "base_version": message.base_version}
     workspace.prepare(spec.hyperparameters.for_trainer(), job)
 
-    train = workspace.channel("train")
-    shutil.rmtree(train, ignore_errors=True)
-    train.mkdir(parents=True)
-    dataset = train / "dataset.csv"
-    store.download(inputs.dataset, dataset)
-    if inputs.audio:
-        names = csv_audio_names(dataset)
-        extracted = _fetch_and_extract(store, inputs.audio, train, limits, names)
-        missing = sorted(names - set(extracted))
-        if missing:
-            raise StagingError(f"the audio archive lacks {len(missing)} file(s) the CSV names, e.g. {missing[0]!r}")
+    stage_dataset(store, inputs.dataset, inputs.audio, workspace.channel("train"), limits)
 
     model = workspace.channel("model")
     shutil.rmtree(model, ignore_errors=True)
     if inputs.base_model:  # a stored version: its model.tar.gz
-        _fetch_and_extract(store, inputs.base_model, model, limits)
+        fetch_and_extract(store, inputs.base_model, model, limits)
     elif inputs.model:  # the user's upload: an archive, or one file that keeps its name
         if inputs.model.endswith(("/model.zip", "/model.tar")):
-            _fetch_and_extract(store, inputs.model, model, limits)
+            fetch_and_extract(store, inputs.model, model, limits)
         else:
             model.mkdir(parents=True)
             store.download(inputs.model, model / PurePosixPath(inputs.model).name)
+
+
+def stage_dataset(store: ModelStore, csv_key: str, audio_key: str | None, channel: Path, limits: ArchiveLimits) -> None:
+    """A channel of dataset.csv and the clips it names (only those: nothing else of the archive
+    is written, and nothing can replace the validated CSV)."""
+    shutil.rmtree(channel, ignore_errors=True)
+    channel.mkdir(parents=True)
+    dataset = channel / "dataset.csv"
+    store.download(csv_key, dataset)
+    if audio_key:
+        names = csv_audio_names(dataset)
+        extracted = fetch_and_extract(store, audio_key, channel, limits, names)
+        missing = sorted(names - set(extracted))
+        if missing:
+            raise StagingError(f"the audio archive lacks {len(missing)} file(s) the CSV names, e.g. {missing[0]!r}")
 
 
 def csv_audio_names(path: Path) -> set[str]:
@@ -72,7 +77,7 @@ def csv_audio_names(path: Path) -> set[str]:
     return names
 
 
-def _fetch_and_extract(store: ModelStore, key: str, dest: Path, limits: ArchiveLimits, names: set[str] | None = None) -> list[str]:
+def fetch_and_extract(store: ModelStore, key: str, dest: Path, limits: ArchiveLimits, names: set[str] | None = None) -> list[str]:
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "archive"

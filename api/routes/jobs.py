@@ -15,7 +15,7 @@ from api.db import Job, OutboxMessage
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.event_stream import job_event_stream, parse_last_event_id
 from api.schemas import JobCreated, JobList, JobOut, Progress
-from api.submissions import Upload, submit_job
+from api.submissions import Upload, Uploads, submit_job
 from api.job_events import settle
 from jobs.events import ControlCommand, JobState
 from jobs.lifecycle import Outcome
@@ -59,8 +59,11 @@ def create_job(
     dataset: Annotated[UploadFile, File(description="CSV manifest: audio,label[,split]")],
     audio: Annotated[UploadFile | None, File(description="zip or tar(.gz) of the audio files the CSV names")] = None,
     model: Annotated[UploadFile | None, File(description="optional base model (file or archive)")] = None,
+    heldout: Annotated[UploadFile | None, File(description="with spec.promote: CSV of the held-out set (audio,label) both versions are scored on")] = None,
+    heldout_audio: Annotated[UploadFile | None, File(description="with spec.promote: archive of the clips the heldout CSV names")] = None,
 ) -> JobCreated:
-    job = submit_job(spec, _upload(dataset), _upload(audio), _upload(model), store, session, settings)
+    uploads = Uploads(_upload(dataset), _upload(audio), _upload(model), _upload(heldout), _upload(heldout_audio))
+    job = submit_job(spec, uploads, store, session, settings)
     request.app.state.outbox.wake.set()
     status_url = str(request.url_for("get_job", job_id=job.id))
     return JobCreated(id=job.id, state=job.state, status_url=status_url)

@@ -198,6 +198,15 @@ async function modelsPage() {
 
 const KEY_METRICS = ["accuracy", "macro_f1", "wer", "cer", "test_size"];
 
+// A job's spec.promote decision (its lineage): both held-out scores, and whether it took the alias.
+function promotionText(p) {
+  if (!p) return "";
+  const scores = p.champion_score !== null && p.champion_score !== undefined
+    ? `${p.metric} ${fmt(p.challenger_score)} vs v${p.champion_version} ${fmt(p.champion_score)}`
+    : p.challenger_score !== null && p.challenger_score !== undefined ? `${p.metric} ${fmt(p.challenger_score)}` : "";
+  return `${p.promoted ? "took" : "did not take"} ${p.alias}${scores ? ": " + scores : ""} (${p.reason})`;
+}
+
 async function modelPage(name) {
   const [versions, models] = await Promise.all([api(`/v1/models/${name}/versions`), api("/v1/models")]);
   const model = models.find((m) => m.name === name) || { aliases: {} };
@@ -216,7 +225,8 @@ async function modelPage(name) {
     h("td", {}, when(v.created_at)),
     h("td", {}, h("a", { class: "id", href: `#/jobs/${v.job_id}` }, v.job_id)),
     h("td", {}, v.base_version ? `v${v.base_version}` : v.base_model ? "uploaded model" : "from scratch"),
-    ...KEY_METRICS.map((k) => h("td", { class: "num" }, fmt((v.metrics || {})[k])))));
+    ...KEY_METRICS.map((k) => h("td", { class: "num" }, fmt((v.metrics || {})[k]))),
+    h("td", { class: "promotion" }, promotionText(v.promotion))));
   const aliasName = h("input", { value: "production", "aria-label": "alias", size: 12 });
   const aliasVersion = h("select", { "aria-label": "version to promote" }, ...versions.slice().reverse().map((v) => h("option", { value: v.version }, `v${v.version}`)));
   const note = h("span", { class: "muted", id: "promote-result" });
@@ -235,7 +245,7 @@ async function modelPage(name) {
     h("div", { class: "toolbar" }, "Point", aliasName, "at", aliasVersion, promote, note),
     h("h2", {}, "Versions and lineage"),
     h("div", { class: "toolbar" }, compare),
-    h("table", { id: "versions" }, h("thead", {}, h("tr", {}, ...["", "Version", "Aliases", "Created", "Job", "Trained from", ...KEY_METRICS].map((c) => h("th", {}, c)))),
+    h("table", { id: "versions" }, h("thead", {}, h("tr", {}, ...["", "Version", "Aliases", "Created", "Job", "Trained from", ...KEY_METRICS, "Champion / challenger"].map((c) => h("th", {}, c)))),
       h("tbody", {}, ...rows)));
 }
 

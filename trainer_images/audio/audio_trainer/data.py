@@ -99,7 +99,7 @@ def read_manifest(channel: Path, source: str) -> list[Clip]:
     return clips
 
 
-def _resolve(channel: Path, clip: Clip) -> Path:
+def resolve_clip(channel: Path, clip: Clip) -> Path:
     """The clip's file, which must lie inside its channel folder (no absolute paths, no '..')."""
     rel = Path(clip.path)
     where = f"{clip.source}/dataset.csv line {clip.row}"
@@ -143,7 +143,7 @@ def decode(path: Path) -> np.ndarray:
 
 def load_audio(clips: list[Clip], channels: dict[str, Path], workers: int) -> None:
     """Decode every clip once, in parallel (libsndfile and scipy release the GIL for the heavy parts)."""
-    paths = [_resolve(channels[c.source], c) for c in clips]
+    paths = [resolve_clip(channels[c.source], c) for c in clips]
 
     def work(i: int):
         try:

@@ -18,7 +18,7 @@ import torch
 from scipy.signal import resample_poly
 
 from audio_trainer import SAMPLE_RATE
-from audio_trainer.data import Clip, _resolve, decode, load_audio
+from audio_trainer.data import Clip, resolve_clip, decode, load_audio
 from audio_trainer.errors import TrainerError
 
 
@@ -47,7 +47,7 @@ def load_audio_at(clips: list[Clip], channels: dict[str, Path], rate: int, worke
     if rate == SAMPLE_RATE:
         load_audio(clips, channels, workers)  # the CNN trainer's loader, unchanged
         return
-    paths = [_resolve(channels[c.source], c) for c in clips]
+    paths = [resolve_clip(channels[c.source], c) for c in clips]
 
     def work(i: int) -> np.ndarray:
         try:
