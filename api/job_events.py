@@ -144,8 +144,6 @@ class JobEventsConsumer(threading.Thread):
             event = JobEvent.model_validate_json(message.value() or b"")
             with self.db.sessions() as session:
                 changed = apply_event(session, event)
-            if changed is not None and self.on_change is not None:
-                self.on_change(changed)  # the API's metrics
         except (ValidationError, ValueError, TypeError) as err:
             reason = f"not a valid job event: {err}"[:2000]
             log.error("job events: offset %s skipped: %s", message.offset(), reason)
@@ -153,6 +151,12 @@ class JobEventsConsumer(threading.Thread):
                      "value": (message.value() or b"")[:64 * 1024].decode("utf-8", "replace")}
             producer.produce(self.settings.topic_dlq, key=message.key(), value=json.dumps(value).encode())
             producer.poll(0)
+            return
+        if changed is not None and self.on_change is not None:
+            try:
+                self.on_change(changed)  # the API's metrics: never a reason to dead-letter an applied event
+            except Exception:
+                log.exception("job events: on_change failed for job %s", changed.id)
 
     def stop(self) -> None:
         self.stopping.set()

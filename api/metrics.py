@@ -14,6 +14,7 @@ Workers have metrics of their own (worker/metrics.py): consumer lag, running job
 """
 
 import time
+from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -43,14 +44,21 @@ class ApiMetrics:
 
     def observe_job(self, job: Job) -> None:
         """Called when an event changed a job's row (api/job_events.py)."""
-        if job.state == JobState.running and job.started_at and job.created_at and job.attempts <= 1:
-            self.dispatch.observe(max(0.0, (job.started_at - job.created_at).total_seconds()))
-        elif JobState(job.state).finished and job.started_at and job.finished_at:
-            self.job_duration.labels(job.state).observe(max(0.0, (job.finished_at - job.started_at).total_seconds()))
+        state = JobState(job.state)
+        if state == JobState.running and job.started_at and job.created_at and job.attempts <= 1:
+            self.dispatch.observe(_seconds(job.created_at, job.started_at))
+        elif state.finished and job.started_at and job.finished_at:
+            self.job_duration.labels(state.value).observe(_seconds(job.started_at, job.finished_at))
 
     def response(self) -> Response:
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
+
+
+def _seconds(start: datetime, end: datetime) -> float:
+    """end - start; SQLite gives back naive datetimes (UTC), events aware ones."""
+    start, end = (t if t.tzinfo else t.replace(tzinfo=UTC) for t in (start, end))
+    return max(0.0, (end - start).total_seconds())
 
 
 class RequestMetrics:

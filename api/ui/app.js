@@ -122,7 +122,7 @@ async function jobPage(jobId) {
   const summary = h("div", { class: "cards" });
   const curves = h("div", { class: "cards", id: "curves" });
   const results = h("div", { id: "results" });
-  const log = h("pre", { class: "log", id: "log" });
+  const log = h("pre", { class: "log", id: "log" }, "(the trainer's log is shown here when the job ends)");
   show(title, summary, h("h2", {}, "Training curves"), curves, results, h("h2", {}, "Log"), log);
   const history = {};  // metric -> [[epoch, value]]
   let source = null, timer = null;
@@ -137,7 +137,7 @@ async function jobPage(jobId) {
       h("div", { class: "card", id: "progress" }, h("div", { class: "muted" }, "progress"),
         job.progress.epoch !== null ? `epoch ${job.progress.epoch}${job.progress.epochs ? " of " + job.progress.epochs : ""}` : job.state),
       h("div", { class: "card" }, h("div", { class: "muted" }, "worker, attempts"), `${job.worker || "-"}, ${job.attempts}`),
-      job.error ? h("div", { class: "card error", id: "job-error" }, job.error) : null, ...actions);
+      ...(job.error ? [h("div", { class: "card error", id: "job-error" }, job.error)] : []), ...actions);
     if (FINAL.has(job.state)) {
       const parts = [h("h2", {}, "Metrics"), metricsTable(job.metrics)];
       if (job.model_version) {
@@ -253,7 +253,7 @@ async function comparePage(name, a, b) {
   const [va, vb] = await Promise.all([a, b].map((v) => api(`/v1/models/${name}/versions/${v}`)));
   const files = await Promise.all([va, vb].map((v) => (v.files || []).includes("metrics.json")
     ? api(`/v1/models/${name}/versions/${v.version}/files/metrics.json`).catch(() => v.metrics) : v.metrics));
-  const lowerIsBetter = (k) => /loss|wer|cer|error/.test(k);
+  const lowerIsBetter = (k) => /loss|wer|cer|error|seconds|diff/.test(k);
   const keys = [...new Set([...scalars(files[0]), ...scalars(files[1])].map(([k]) => k))].sort();
   const rows = keys.map((k) => {
     const [x, y] = [files[0][k], files[1][k]];

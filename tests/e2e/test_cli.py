@@ -51,8 +51,9 @@ def test_submit_a_folder_follow_it_download_and_promote(service, keyword_data, t
 
 def test_a_refusal_is_one_line_naming_the_file_and_row(service, keyword_data, tmp_path):
     csv = tmp_path / "words.csv"
-    rows = keyword_data["csv"].read_text().splitlines()
-    csv.write_text("\n".join([rows[0], rows[1], "missing.wav," + rows[2].split(",", 1)[1]]) + "\n")
+    header, first, *rest = keyword_data["csv"].read_text().splitlines()
+    other = next(row for row in rest if row.split(",")[1] != first.split(",")[1])  # two classes, or that is the refusal
+    csv.write_text("\n".join([header, first, "missing.wav," + other.split(",", 1)[1]]) + "\n")
     refused = retrain(service, "submit", str(csv), "--audio", str(keyword_data["zip"]), "--task", "audio_classification",
                       "--model-name", "cli-refused")
     assert refused.returncode == 2 and refused.stdout == ""

@@ -78,6 +78,7 @@ def test_a_finished_job_shows_curves_metrics_confusion_matrix_and_log(page, trai
     page.goto(f"/ui/#/jobs/{job['id']}")
     page.locator("h1 [data-state=succeeded]").wait_for()
     assert job["id"] in page.locator("h1").inner_text()
+    assert "null" not in page.locator("main .cards").first.inner_text()  # no placeholder leaks into what a person reads
     charts = page.locator("#curves [data-metric]")
     charts.first.wait_for()
     assert charts.count() >= 2 and page.locator("#curves svg polyline").count() == charts.count()
