@@ -89,6 +89,37 @@ class OutboxDead(Base):
     error: Mapped[str] = mapped_column(Text)
 
 
+class ApiKey(Base):
+    """An API key (api/auth.py): its secret is stored only as a SHA-256 hash (keys are 256 random
+    bits, so a fast hash is safe); the key itself is shown once, when it is created."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)  # the public part of the key
+    secret_hash: Mapped[str] = mapped_column(String(64))
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    role: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_by: Mapped[str | None] = mapped_column(String(32), nullable=True)  # the admin key that made it
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class AuditEntry(Base):
+    """Who did what: submissions, cancels, alias moves, downloads, key changes (GET /v1/admin/audit)."""
+
+    __tablename__ = "audit"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    time: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    key_id: Mapped[str] = mapped_column(String(32))
+    tenant: Mapped[str] = mapped_column(String(64), index=True)
+    action: Mapped[str] = mapped_column(String(32))  # job.submit, job.cancel, alias.set, model.download, key.create, ...
+    resource: Mapped[str] = mapped_column(String(255))  # a job id, model/version, key id
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
 class Database:
     def __init__(self, url: str):
         if url.startswith("sqlite:///"):

@@ -22,13 +22,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from api import checker
+from api.auth import KeyCache
 from api.db import Database
 from api.event_stream import StreamSlots
 from api.job_events import JobEventsConsumer
 from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, RequestMetrics
 from api.outbox import OutboxRelay
-from api.routes import health, jobs, models
+from api.routes import admin, health, jobs, models
 from api.validation import InputError
 from jobs.kafka import ensure_topics
 from jobs.settings import Settings, get_settings
@@ -123,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.store = make_store(settings)
         state.events = JobEventsConsumer(state.db, settings, on_change=state.metrics.observe_job)
         state.event_streams = StreamSlots(settings.event_streams_max)
+        state.keys = KeyCache(settings.auth_cache_s)
         state.setup = Setup(state.store, settings, on_topics=state.events.start)
         state.outbox = OutboxRelay(state.db, settings, store=state.store, ready=state.setup.topics)
         state.setup.start()
@@ -206,6 +208,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.mount("/ui/", StaticFiles(directory=Path(__file__).parent / "ui", html=True), name="ui")
     app.include_router(jobs.router)
     app.include_router(models.router)
+    app.include_router(admin.router)
     return app
 
 

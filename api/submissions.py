@@ -10,6 +10,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from api.db import Job, OutboxMessage
+from api.auth import Caller, audit
 from api.checker import CheckLimits, check_dataset
 from api.validation import InputError, UploadLimits, archive_kind, check_model_upload
 from jobs.events import EventType, JobEvent, JobState, utcnow
@@ -82,7 +83,7 @@ def parse_spec(text: str, settings: Settings | None = None) -> JobSpec:
     return spec
 
 
-def submit_job(spec_text: str, uploads: Uploads, store: ModelStore, session: Session, settings: Settings) -> Job:
+def submit_job(spec_text: str, uploads: Uploads, store: ModelStore, session: Session, settings: Settings, caller: Caller) -> Job:
     spec = parse_spec(spec_text, settings)  # this app's bounds, before any upload is looked at
     dataset, audio, model = uploads.dataset, uploads.audio, uploads.model
     for field, upload in uploads.present():
@@ -156,6 +157,7 @@ def submit_job(spec_text: str, uploads: Uploads, store: ModelStore, session: Ses
         session.add(job)
         session.add(OutboxMessage(topic=settings.topic_jobs, key=job_id, value=message.model_dump_json()))
         session.add(OutboxMessage(topic=settings.topic_events, key=job_id, value=accepted.model_dump_json()))
+        audit(session, caller, "job.submit", job_id, commit=False, model_name=spec.model_name, task=spec.task.value)
         session.commit()
     except BaseException:
         session.rollback()

@@ -11,6 +11,15 @@ S3 = os.environ.get("RETRAIN_S3_ENDPOINT", "127.0.0.1:9000")
 S3_KEYS = (os.environ.get("RETRAIN_S3_ACCESS_KEY", "retrain"), os.environ.get("RETRAIN_S3_SECRET_KEY", "retrain-secret"))
 
 
+def api_headers() -> dict[str, str]:
+    """The API key to send: RETRAIN_API_KEY, else the local stack's .run/admin.key (what `make up` wrote)."""
+    key = os.environ.get("RETRAIN_API_KEY")
+    if not key:
+        path = Path(__file__).resolve().parent.parent / ".run" / "admin.key"
+        key = path.read_text().strip() if path.is_file() else ""
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def small_dataset(out: Path) -> tuple[Path, Path]:
     csv = make_dataset(out, DEFAULT_WORDS[:2], TRAIN_VOICES[:3], repeats=1)
     return csv, zip_clips(out, csv, out / "clips.zip")

@@ -23,7 +23,7 @@ from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import API, KAFKA, percentile, small_dataset, table  # noqa: E402
+from bench.common import API, KAFKA, api_headers, percentile, small_dataset, table  # noqa: E402
 
 
 def kafka_round_trips(n: int) -> list[float]:
@@ -74,7 +74,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", type=int, default=50)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp, httpx.Client(base_url=API, timeout=60) as client:
+    with tempfile.TemporaryDirectory() as tmp, httpx.Client(base_url=API, headers=api_headers(), timeout=60) as client:
         csv, clips = small_dataset(Path(tmp))
         baseline = kafka_round_trips(args.jobs)
         server, seen = dispatch(client, csv, clips, args.jobs)

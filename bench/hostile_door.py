@@ -48,7 +48,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import percentile, small_dataset, table  # noqa: E402
+from bench.common import api_headers, percentile, small_dataset, table  # noqa: E402
 from bench.dispatch_latency import dispatch  # noqa: E402
 from deploy.local.stack import Stack, free_port  # noqa: E402
 
@@ -240,7 +240,7 @@ def _rotated(kinds: list[str], by: int) -> list[str]:
 def attacker(index: int, api: str, kinds: list[str], payloads: dict, stop, results, started, timeout: float, trickle_rate: float) -> None:
     """One hostile upload in flight at a time, the next as soon as one is answered, until `stop`."""
     n = 0
-    with httpx.Client(base_url=api, timeout=httpx.Timeout(timeout)) as client:
+    with httpx.Client(base_url=api, headers=api_headers(), timeout=httpx.Timeout(timeout)) as client:
         started.put(index)
         while not stop.is_set():
             kind = kinds[n % len(kinds)]
@@ -341,7 +341,7 @@ class Health(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self):
-        with httpx.Client(base_url=self.api, timeout=self.timeout) as client:
+        with httpx.Client(base_url=self.api, headers=api_headers(), timeout=self.timeout) as client:
             while not (self.stopping.is_set() and len(self.times) >= self.minimum):
                 begin = time.perf_counter()
                 try:
@@ -374,7 +374,7 @@ def measure(api: str, api_pid: int, csv: Path, clips: Path, args) -> dict:
     sampler.start()
     health.start()
     start = time.monotonic()
-    with httpx.Client(base_url=api, timeout=args.hostile_timeout, event_hooks={"request": [on_request], "response": [on_response]}) as client:
+    with httpx.Client(base_url=api, headers=api_headers(), timeout=args.hostile_timeout, event_hooks={"request": [on_request], "response": [on_response]}) as client:
         server, seen = dispatch(client, csv, clips, args.jobs)
     health.stopping.set()
     health.join()
@@ -515,8 +515,9 @@ def main() -> None:
             print("starting a private stack ...", flush=True)
             stack.up()
             api, api_pid = stack.api_url, stack.pid("api")
+            os.environ["RETRAIN_API_KEY"] = stack.admin_key()  # every client below, the attackers' too
         try:
-            with httpx.Client(base_url=api, timeout=60) as client:
+            with httpx.Client(base_url=api, headers=api_headers(), timeout=60) as client:
                 deadline = time.monotonic() + 180
                 while client.get("/readyz").status_code != 200:
                     if time.monotonic() > deadline:

@@ -20,7 +20,7 @@ import httpx
 from minio import Minio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import API, S3, S3_KEYS, small_dataset, table  # noqa: E402
+from bench.common import API, S3, S3_KEYS, api_headers, small_dataset, table  # noqa: E402
 from deploy.local.stack import Stack  # noqa: E402
 
 MIB = 1024 * 1024
@@ -84,7 +84,7 @@ def main() -> None:
         sampler.start()
         spec = {"task": "audio_classification", "model_name": "bench-upload", "hyperparameters": {"epochs": 1}}
         start = time.perf_counter()
-        with httpx.Client(base_url=API, timeout=600) as client, archive.open("rb") as stream:
+        with httpx.Client(base_url=API, headers=api_headers(), timeout=600) as client, archive.open("rb") as stream:
             response = client.post("/v1/jobs", data={"spec": json.dumps(spec)},
                                    files={"dataset": ("d.csv", csv.read_bytes(), "text/csv"), "audio": ("big.zip", stream, "application/zip")})
             api_s = time.perf_counter() - start

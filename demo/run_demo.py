@@ -21,6 +21,7 @@ import soundfile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from demo.spoken_words import DEFAULT_WORDS, HELDOUT_VOICES, TRAIN_VOICES, make_dataset, zip_clips  # noqa: E402
+from retrain.client import Config  # noqa: E402
 
 
 def main() -> int:
@@ -40,7 +41,8 @@ def main() -> int:
     n_train = sum(1 for _ in csv.DictReader(train_csv.open()))
     print(f"   {n_train} training clips -> {train_zip}")
 
-    client = httpx.Client(base_url=args.api, timeout=120)
+    key = Config.load(url=args.api).key  # RETRAIN_API_KEY, or the local stack's .run/admin.key
+    client = httpx.Client(base_url=args.api, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=120)
     spec = {"task": "audio_classification", "model_name": args.model_name,
             "hyperparameters": {"epochs": args.epochs, "batch_size": 32, "seed": 0}}
     response = client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files={

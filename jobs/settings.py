@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     public_url: str = ""  # base of status_url; empty = relative URLs
     # GET /v1/jobs/{id}/events (Server-Sent Events): streams open at once (503 over it), how
     # often each looks for new events, and the keep-alive comment's period (s).
+    auth_cache_s: float = 5.0  # a validated API key is trusted this long without a database query (a revoke waits as long)
     event_streams_max: int = 200
     event_streams_poll_s: float = 0.5
     event_streams_keepalive_s: float = 15.0

@@ -11,7 +11,8 @@
 
 Where the API URL and key come from, first found wins: the arguments, the environment
 (`RETRAIN_API_URL`, `RETRAIN_API_KEY`), the config file (`RETRAIN_CONFIG`, else
-`~/.config/retrain/config.toml`, keys `api_url` and `api_key`), then http://127.0.0.1:8000.
+`~/.config/retrain/config.toml`, keys `api_url` and `api_key`), then http://127.0.0.1:8000 and,
+run from the repository, the local stack's `.run/admin.key`.
 
 A refusal of the API raises `ApiError`, whose text is the one line a user needs: the file, the
 row and the field at fault, and why.
@@ -73,8 +74,17 @@ class Config:
             with path.open("rb") as fp:
                 stored = tomllib.load(fp)
         url = url or os.environ.get("RETRAIN_API_URL") or stored.get("api_url") or DEFAULT_URL
-        key = key or os.environ.get("RETRAIN_API_KEY") or stored.get("api_key")
+        key = key or os.environ.get("RETRAIN_API_KEY") or stored.get("api_key") or _local_stack_key()
         return cls(url.rstrip("/"), key)
+
+
+def _local_stack_key() -> str | None:
+    """The admin key `make up` writes for the local stack (.run/admin.key, from the repository root)."""
+    path = Path(".run") / "admin.key"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 class Client:

@@ -51,8 +51,27 @@ def service(stack):
 
 @pytest.fixture(scope="session")
 def api(service):
-    with httpx.Client(base_url=service.api_url, timeout=60) as client:
+    with httpx.Client(base_url=service.api_url, headers=bearer(service.admin_key()), timeout=60) as client:
         yield client
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+_ADMIN_KEYS: dict[str, str] = {}
+
+
+def admin_headers(app_settings: Settings) -> dict[str, str]:
+    """An admin key of the app's database (created once per database), as request headers."""
+    from api.auth import Role, create_key
+    from api.db import Database
+
+    url = app_settings.database_url
+    if url not in _ADMIN_KEYS:
+        with Database(url).sessions() as session:
+            _ADMIN_KEYS[url] = create_key(session, "tests", Role.admin, name="tests")[1]
+    return bearer(_ADMIN_KEYS[url])
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +111,7 @@ def in_process_api(app_settings: Settings, ready: bool = False):
     from api.main import create_app
 
     app = create_app(app_settings)
-    with TestClient(app) as client:
+    with TestClient(app, headers=admin_headers(app_settings)) as client:
         client.app_state = app.state
         if ready:  # the bucket and the topics are made in the background
             wait_until(lambda: client.get("/readyz").status_code == 200, 60, "the API to be ready")

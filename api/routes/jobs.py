@@ -6,11 +6,12 @@ import re
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Header, HTTPException, Path, Query, Request, UploadFile, status
+from fastapi import APIRouter, Depends, File, Form, Header, HTTPException, Path, Query, Request, UploadFile, status
 from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
+from api.auth import Reader, Role, Submitter, audit, require
 from api.db import Job, OutboxMessage
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.event_stream import job_event_stream, parse_last_event_id
@@ -20,7 +21,8 @@ from api.job_events import settle
 from jobs.events import ControlCommand, JobState
 from jobs.lifecycle import Outcome
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+# Every route needs a key that may read (api/auth.py); the ones that change something say more.
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require(Role.read))])
 
 JobId = Annotated[str, Path(max_length=64, description="the id POST /v1/jobs answered")]
 OutputName = Annotated[str, Path(max_length=255, description="one of the job's outputs")]
@@ -52,6 +54,7 @@ def _upload(file: UploadFile | None) -> Upload | None:
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobCreated)
 def create_job(
     request: Request,
+    caller: Submitter,
     session: SessionDep,
     store: StoreDep,
     settings: SettingsDep,
@@ -63,7 +66,7 @@ def create_job(
     heldout_audio: Annotated[UploadFile | None, File(description="with spec.promote: archive of the clips the heldout CSV names")] = None,
 ) -> JobCreated:
     uploads = Uploads(_upload(dataset), _upload(audio), _upload(model), _upload(heldout), _upload(heldout_audio))
-    job = submit_job(spec, uploads, store, session, settings)
+    job = submit_job(spec, uploads, store, session, settings, caller)
     request.app.state.outbox.wake.set()
     status_url = str(request.url_for("get_job", job_id=job.id))
     return JobCreated(id=job.id, state=job.state, status_url=status_url)
@@ -138,11 +141,12 @@ def _exists(db, job_id: str) -> None:
 
 
 @router.get("/{job_id}/artifact")
-def job_artifact(job_id: JobId, session: SessionDep, store: StoreDep, redirect: bool = False):
+def job_artifact(job_id: JobId, caller: Reader, session: SessionDep, store: StoreDep, redirect: bool = False):
     """The trained model as SageMaker's model.tar.gz, streamed, or a presigned URL with ?redirect=true."""
     job = _get(session, job_id)
     if job.state != JobState.succeeded or job.model_version is None:
         raise HTTPException(status.HTTP_409_CONFLICT, detail={"field": "job_id", "error": f"job is {job.state}, it has no model yet"})
+    audit(session, caller, "model.download", f"{job.model_name}/{job.model_version}", job_id=job_id)
     return artifact_response(store, job.model_name, job.model_version, redirect)
 
 
@@ -192,7 +196,7 @@ def job_output(job_id: JobId, name: OutputName, session: SessionDep, store: Stor
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
-def cancel_job(job_id: str, request: Request, session: SessionDep, store: StoreDep, settings: SettingsDep) -> JobOut:
+def cancel_job(job_id: JobId, request: Request, caller: Submitter, session: SessionDep, store: StoreDep, settings: SettingsDep) -> JobOut:
     """Cancel a queued or running job. The cancel is recorded as the job's outcome at once, so it
     holds even if no worker has the job now; a worker running it stops within seconds."""
     job = _get(session, job_id)
@@ -200,6 +204,7 @@ def cancel_job(job_id: str, request: Request, session: SessionDep, store: StoreD
         raise HTTPException(status.HTTP_409_CONFLICT, detail={"field": "job_id", "error": f"job already {job.state}"})
     command = ControlCommand(command="cancel", job_id=job_id)  # the fast path to a worker running it
     session.add(OutboxMessage(topic=settings.topic_control, key=job_id, value=command.model_dump_json()))
+    audit(session, caller, "job.cancel", job_id, commit=False)  # committed with the cancel
     outcome = settle(session, store, settings, job_id, Outcome.cancelled("cancelled by the user"))
     request.app.state.outbox.wake.set()
     if outcome.state != JobState.cancelled:

@@ -6,15 +6,16 @@ ALIAS_PATTERN): anything else is a 422 naming the part, never a key the store wo
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, status
+from fastapi import APIRouter, Depends, HTTPException, Path, status
 
-from api.deps import StoreDep
+from api.auth import Reader, Role, Submitter, audit, require
+from api.deps import SessionDep, StoreDep
 from api.routes.jobs import artifact_response, stream_response
 from api.schemas import AliasIn, ModelOut
 from jobs.spec import ALIAS_PATTERN, MODEL_NAME_PATTERN, VERSION_PATTERN, parse_version_ref
 from models_store import VersionInfo
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(require(Role.read))])
 
 ModelName = Annotated[str, Path(pattern=MODEL_NAME_PATTERN, max_length=63, description="a model name")]
 Version = Annotated[str, Path(pattern=VERSION_PATTERN, max_length=32, description="a version number, latest, or another alias")]
@@ -53,8 +54,9 @@ def get_version(name: ModelName, version: Version, store: StoreDep) -> VersionIn
 
 
 @router.get("/{name}/versions/{version}/artifact")
-def version_artifact(name: ModelName, version: Version, store: StoreDep, redirect: bool = False):
+def version_artifact(name: ModelName, version: Version, caller: Reader, session: SessionDep, store: StoreDep, redirect: bool = False):
     info = _version(store, name, version)
+    audit(session, caller, "model.download", f"{name}/{info.version}")
     return artifact_response(store, name, info.version, redirect)
 
 
@@ -70,7 +72,7 @@ def version_file(name: ModelName, version: Version, filename: FileName, store: S
 
 
 @router.put("/{name}/aliases/{alias}", response_model=ModelOut)
-def set_alias(name: ModelName, alias: Alias, body: AliasIn, store: StoreDep) -> ModelOut:
+def set_alias(name: ModelName, alias: Alias, body: AliasIn, caller: Submitter, session: SessionDep, store: StoreDep) -> ModelOut:
     """Point an alias (e.g. production) at a version. `latest` moves by itself with each new version."""
     if alias == "latest":
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail={"field": "alias", "error": "latest moves by itself to each new version; choose another alias"})
@@ -78,4 +80,5 @@ def set_alias(name: ModelName, alias: Alias, body: AliasIn, store: StoreDep) -> 
         store.set_alias(name, alias, body.version)
     except KeyError as err:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail={"field": "version", "error": str(err)}) from None
+    audit(session, caller, "alias.set", f"{name}/{alias}", version=body.version)
     return ModelOut(name=name, versions=len(store.list_versions(name)), aliases=store.aliases(name))

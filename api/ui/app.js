@@ -30,8 +30,30 @@ function s(tag, attrs = {}, ...children) {
   return el;
 }
 
+// The API key: asked for once per browser session, kept in sessionStorage, sent as a Bearer header.
+const KEY = "retrain-key";
+const apiKey = () => sessionStorage.getItem(KEY);
+const withKey = (options = {}) => ({ ...options, headers: { ...(options.headers || {}), Authorization: `Bearer ${apiKey()}` } });
+
+class SignInNeeded extends Error {}
+
+function signIn(message) {
+  const input = h("input", { type: "password", "aria-label": "API key", size: 60, autocomplete: "off" });
+  const go = () => { sessionStorage.setItem(KEY, input.value.trim()); route(); };
+  input.addEventListener("keydown", (e) => { if (e.key === "Enter") go(); });
+  show(h("h1", {}, "Sign in"), message ? h("p", { class: "error", role: "alert" }, message) : null,
+    h("p", { class: "muted" }, "Paste an API key (an operator makes one with python -m api.admin create-key; the local stack's is in .run/admin.key)."),
+    h("div", { class: "toolbar" }, input, h("button", { class: "primary", onclick: go }, "Sign in")));
+  input.focus();
+}
+
 async function api(path, options = {}) {
-  const response = await fetch(path, options);
+  if (!apiKey()) throw new SignInNeeded("");
+  const response = await fetch(path, withKey(options));
+  if (response.status === 401) {
+    sessionStorage.removeItem(KEY);
+    throw new SignInNeeded("That key was refused (unknown, revoked or expired).");
+  }
   if (!response.ok) {
     let message = `${response.status} ${response.statusText}`;
     try {
@@ -54,7 +76,43 @@ function show(...children) {
 }
 
 function fail(err) {
+  if (err instanceof SignInNeeded) return signIn(err.message);
   show(h("p", { class: "error", role: "alert" }, String(err.message || err)));
+}
+
+// GET /v1/jobs/{id}/events read with fetch (EventSource cannot send the key): calls onEvent for
+// each event; resumes with Last-Event-ID if the connection drops; stop() ends it.
+function follow(jobId, onEvent) {
+  const control = new AbortController();
+  let lastId = null, stopped = false;
+  (async () => {
+    while (!stopped) {
+      try {
+        const headers = lastId ? { "Last-Event-ID": lastId } : {};
+        const response = await fetch(`/v1/jobs/${jobId}/events`, withKey({ headers, signal: control.signal }));
+        if (!response.ok) return;
+        const reader = response.body.getReader(), decoder = new TextDecoder();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) return;  // the server closes after the final event
+          buffer += decoder.decode(value, { stream: true });
+          let cut;
+          while ((cut = buffer.indexOf("\n\n")) >= 0) {
+            const block = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
+            const data = block.split("\n").filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+            const id = block.split("\n").find((l) => l.startsWith("id: "));
+            if (id) lastId = id.slice(4);
+            if (data) onEvent(JSON.parse(data));
+          }
+        }
+      } catch (err) {
+        if (stopped) return;
+        await new Promise((resolve) => setTimeout(resolve, 2000));
+      }
+    }
+  })();
+  return () => { stopped = true; control.abort(); };
 }
 
 // ---- jobs ------------------------------------------------------------------------------------
@@ -125,7 +183,6 @@ async function jobPage(jobId) {
   const log = h("pre", { class: "log", id: "log" }, "(the trainer's log is shown here when the job ends)");
   show(title, summary, h("h2", {}, "Training curves"), curves, results, h("h2", {}, "Log"), log);
   const history = {};  // metric -> [[epoch, value]]
-  let source = null, timer = null;
 
   async function render(job) {
     title.replaceChildren("Job ", h("span", { class: "id" }, job.id), " ", stateBadge(job.state));
@@ -163,9 +220,7 @@ async function jobPage(jobId) {
 
   await load();
   // Live: the job's events (past ones first); each progress event extends the curves.
-  source = new EventSource(`/v1/jobs/${jobId}/events`);
-  source.onmessage = (message) => {
-    const event = JSON.parse(message.data);
+  const stop = follow(jobId, (event) => {
     if (event.type === "progress" && event.epoch !== undefined) {
       for (const [name, value] of Object.entries(event.metrics || {})) {
         if (typeof value !== "number") continue;
@@ -178,11 +233,8 @@ async function jobPage(jobId) {
       if (progress) progress.lastChild.textContent = `epoch ${event.epoch}${event.epochs ? " of " + event.epochs : ""}`;
     }
     if (event.type === "started" || FINAL.has(event.type)) load().catch(fail);
-    if (FINAL.has(event.type)) source.close();
-  };
-  source.onerror = () => { if (source.readyState === EventSource.CLOSED) source = null; };
-  timer = setInterval(() => { if (!source) load().catch(() => {}); }, 5000);
-  leave = () => { if (source) source.close(); clearInterval(timer); };
+  });
+  leave = stop;
 }
 
 // ---- models ----------------------------------------------------------------------------------

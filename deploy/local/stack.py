@@ -511,8 +511,19 @@ log4j.logger.kafka.log=WARN
 
     # --- api and workers
 
+    @property
+    def admin_key_path(self) -> Path:
+        return self.run_dir / "admin.key"
+
+    def admin_key(self) -> str:
+        """The local stack's admin API key (made when the API starts; mode 600)."""
+        return self.admin_key_path.read_text().strip()
+
     def _start_api(self, name: str) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Auth is on everywhere: the local stack's admin key, valid for its database, in admin.key.
+        subprocess.run([self.python, "-m", "api.admin", "local-key", str(self.admin_key_path)], cwd=self.root,
+                       env=self._service_env(), check=True, stdout=subprocess.DEVNULL, timeout=120)
         self._spawn(name, [self.python, "-m", "uvicorn", "api.main:app",
                            "--host", self.host, "--port", str(self.api_port)],
                     self._service_env(), (self.api_port,))

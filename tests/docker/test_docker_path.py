@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from deploy.local.stack import Stack, free_port
-from tests.conftest import extract_artifact, onnx_heldout_accuracy, submit, wait_for
+from tests.conftest import bearer, extract_artifact, onnx_heldout_accuracy, submit, wait_for
 from tests.docker.test_keras_image import keras_python
 
 pytestmark = [pytest.mark.docker, pytest.mark.e2e]
@@ -43,7 +43,7 @@ def docker_stack(stack, test_image, audio_image, keras_image, tmp_path_factory):
 def client(docker_stack):
     import httpx
 
-    with httpx.Client(base_url=docker_stack.api_url, timeout=120) as c:
+    with httpx.Client(base_url=docker_stack.api_url, headers=bearer(docker_stack.admin_key()), timeout=120) as c:
         yield c
 
 

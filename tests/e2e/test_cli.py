@@ -16,7 +16,7 @@ RETRAIN = Path(sys.executable).parent / "retrain"  # the entry point `make insta
 
 
 def retrain(service, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ, "RETRAIN_API_URL": service.api_url, "RETRAIN_CONFIG": os.devnull}
+    env = {**os.environ, "RETRAIN_API_URL": service.api_url, "RETRAIN_API_KEY": service.admin_key(), "RETRAIN_CONFIG": os.devnull}
     return subprocess.run([str(RETRAIN), *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -58,6 +58,14 @@ def test_a_refusal_is_one_line_naming_the_file_and_row(service, keyword_data, tm
                       "--model-name", "cli-refused")
     assert refused.returncode == 2 and refused.stdout == ""
     assert refused.stderr.strip() == f"retrain: words.csv, row 3, field dataset: 'missing.wav' is not in the audio archive '{keyword_data['zip'].name}'"
+
+
+def test_without_a_key_the_command_says_so_in_one_line(service, tmp_path):
+    env = {**os.environ, "RETRAIN_API_URL": service.api_url, "RETRAIN_CONFIG": os.devnull}
+    env.pop("RETRAIN_API_KEY", None)
+    refused = subprocess.run([str(RETRAIN), "jobs"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "retrain: field Authorization: an API key is needed: send Authorization: Bearer <key>"
 
 
 def test_watch_a_job_that_is_cancelled(service, keyword_data):

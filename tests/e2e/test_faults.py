@@ -17,7 +17,7 @@ import pytest
 from deploy.local.stack import Stack, free_port
 from jobs.settings import Settings
 from models_store import make_store
-from tests.conftest import submit, wait_for
+from tests.conftest import bearer, submit, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -42,7 +42,7 @@ def faults(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(faults):
-    with httpx.Client(base_url=faults.api_url, timeout=60) as c:
+    with httpx.Client(base_url=faults.api_url, headers=bearer(faults.admin_key()), timeout=60) as c:
         yield c
 
 

@@ -7,7 +7,7 @@ import httpx
 import pytest
 
 from deploy.local.stack import REPO_ROOT, Stack, free_port
-from tests.conftest import submit
+from tests.conftest import bearer, submit
 
 pytestmark = pytest.mark.e2e
 
@@ -31,7 +31,7 @@ def poisoned(tmp_path_factory):
 
 
 def test_a_job_that_kills_its_worker_ends_failed_after_bounded_attempts(poisoned, keyword_data):
-    with httpx.Client(base_url=poisoned.api_url, timeout=60) as client:
+    with httpx.Client(base_url=poisoned.api_url, headers=bearer(poisoned.admin_key()), timeout=60) as client:
         spec = {"task": "audio_classification", "model_name": "poison"}
         job_id = submit(client, spec, keyword_data["csv"], keyword_data["zip"]).json()["id"]
         restarts = 0

@@ -12,7 +12,7 @@ import pytest
 
 from jobs.events import EventType
 from jobs.kafka import make_producer
-from tests.conftest import isolated, served_api, wait_until
+from tests.conftest import admin_headers, isolated, served_api, wait_until
 from tests.integration.test_hostile_requests import post
 from worker.events import EventPublisher
 
@@ -26,7 +26,7 @@ def app_settings(settings, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(app_settings):
-    with served_api(app_settings) as base, httpx.Client(base_url=base, timeout=30) as c:
+    with served_api(app_settings) as base, httpx.Client(base_url=base, headers=admin_headers(app_settings), timeout=30) as c:
         yield c
 
 

@@ -23,7 +23,7 @@ import pytest
 from confluent_kafka import Consumer
 
 from deploy.local.stack import REPO_ROOT, Stack, free_port
-from tests.conftest import submit, wait_for
+from tests.conftest import bearer, submit, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -166,7 +166,7 @@ def hostile(stack, tmp_path_factory):
         },
     )
     s.up(["api", "worker"])
-    with httpx.Client(base_url=s.api_url, timeout=60) as client:
+    with httpx.Client(base_url=s.api_url, headers=bearer(s.admin_key()), timeout=60) as client:
         yield {"stack": s, "api": client, "secret_file": secret_file, "topic_events": f"hostile-{suffix}.events"}
     s.down(["worker", "api"])
 
@@ -415,7 +415,7 @@ def test_the_real_audio_trainer_reports_progress_through_the_token_channel(stack
     )
     s.up(["api", "worker"])
     try:
-        with httpx.Client(base_url=s.api_url, timeout=60) as client:
+        with httpx.Client(base_url=s.api_url, headers=bearer(s.admin_key()), timeout=60) as client:
             spec = {"task": "audio_classification", "model_name": "real-progress",
                     "hyperparameters": {"epochs": 2, "patience": 2, "batch_size": 8}}
             response = submit(client, spec, keyword_data["csv"], keyword_data["zip"])

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
 
 from api.main import create_app
-from tests.conftest import isolated, served_api
+from tests.conftest import admin_headers, isolated, served_api
 from tests.integration.test_api_faults import make_zip, tone
 
 pytestmark = pytest.mark.integration
@@ -23,8 +23,11 @@ EXAMPLES = 100  # per operation and phase (about a minute in all on two cores)
 
 
 @pytest.fixture(scope="module")
-def api_url(settings, tmp_path_factory):
-    with served_api(isolated(settings, tmp_path_factory, "fuzz", max_upload_bytes=1024 * 1024)) as base:
+def api(settings, tmp_path_factory):
+    """(base URL, an admin key's headers): the fuzzer reaches every operation past the key check."""
+    app_settings = isolated(settings, tmp_path_factory, "fuzz", max_upload_bytes=1024 * 1024)
+    headers = admin_headers(app_settings)
+    with served_api(app_settings) as base:
         # A real job in the database, so listings and their cursors have something to page through.
         files = {
             "dataset": ("dataset.csv", b"audio,label\nlow.wav,low\nhigh.wav,high\n", "text/csv"),
@@ -32,8 +35,8 @@ def api_url(settings, tmp_path_factory):
         }
         spec = '{"task": "audio_classification", "model_name": "fuzz"}'
         for _ in range(3):
-            assert httpx.post(f"{base}/v1/jobs", data={"spec": spec}, files=files, timeout=60).status_code == 202
-        yield base
+            assert httpx.post(f"{base}/v1/jobs", data={"spec": spec}, files=files, headers=headers, timeout=60).status_code == 202
+        yield base, headers
 
 
 # The spec is the app's own (it does not depend on the settings): taken at import, so pytest
@@ -45,5 +48,6 @@ schema = schemathesis.openapi.from_dict(create_app().openapi())
 @schema.parametrize()
 @hypothesis_settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
                      suppress_health_check=list(HealthCheck))
-def test_no_server_errors(case, api_url):
-    case.call_and_validate(base_url=api_url, checks=[not_a_server_error], timeout=60)
+def test_no_server_errors(case, api):
+    base, headers = api
+    case.call_and_validate(base_url=base, headers=headers, checks=[not_a_server_error], timeout=60)

@@ -3,6 +3,7 @@ service: what a person sees on the jobs, job, models, version-comparison and ali
 job trained, one followed live and cancelled, and a promotion. Screenshots of each page are kept
 under the test's temporary folder (RETRAIN_UI_SCREENSHOTS to put them elsewhere)."""
 
+import json
 import os
 import re
 import shutil
@@ -42,7 +43,9 @@ def browser():
 
 @pytest.fixture
 def page(browser, service):
+    """A page signed in with the local stack's admin key (as after the sign-in form)."""
     context = browser.new_context(base_url=service.api_url, viewport={"width": 1280, "height": 900})
+    context.add_init_script(f"sessionStorage.setItem('retrain-key', {json.dumps(service.admin_key())})")
     page = context.new_page()
     errors = []
     page.on("pageerror", lambda err: errors.append(str(err)))
@@ -56,6 +59,21 @@ def shots(tmp_path_factory) -> Path:
     folder = Path(os.environ.get("RETRAIN_UI_SCREENSHOTS") or tmp_path_factory.mktemp("screenshots"))
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def test_the_dashboard_asks_for_a_key_and_refuses_a_wrong_one(browser, service, trained, shots):
+    context = browser.new_context(base_url=service.api_url)
+    page = context.new_page()
+    page.goto("/ui/")
+    page.get_by_role("heading", name="Sign in").wait_for()
+    page.fill("input[aria-label='API key']", "rtk_0000000000000000_" + "x" * 43)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_role("alert").filter(has_text="refused").wait_for()
+    page.screenshot(path=shots / "sign-in.png")
+    page.fill("input[aria-label='API key']", service.admin_key())
+    page.get_by_role("button", name="Sign in").click()
+    page.locator(f'#jobs tr[data-job="{trained[1]["id"]}"]').wait_for()
+    context.close()
 
 
 def test_jobs_page_lists_jobs_newest_first_and_filters_by_state(page, trained, shots):
