@@ -22,6 +22,7 @@ class Job(Base):
     # seq orders the listing and backs its cursor; id is what clients see.
     seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     id: Mapped[str] = mapped_column(String(36), unique=True, index=True)
+    tenant: Mapped[str] = mapped_column(String(64), index=True, default="local", server_default="local")  # the submitting key's
     state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.queued)
     task: Mapped[str] = mapped_column(String(32))
     model_name: Mapped[str] = mapped_column(String(64))
@@ -128,11 +129,29 @@ class Database:
         if url.startswith("sqlite"):
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
-        Base.metadata.create_all(self.engine)
+        migrate(self.engine)
 
     def session(self) -> Iterator[Session]:
         with self.sessions() as session:
             yield session
+
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the schema to the newest revision (api/migrations; Alembic). Idempotent; on
+    PostgreSQL an advisory lock makes API replicas that start together migrate one at a time."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(727100)")
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
 
 
 def _sqlite_pragmas(dbapi_connection, _record):

@@ -147,9 +147,9 @@ def submit_job(spec_text: str, uploads: Uploads, store: ModelStore, session: Ses
 
         now = utcnow()
         trainer = choose_trainer(model, base)
-        message = JobMessage(job_id=job_id, spec=spec, inputs=inputs, trainer=trainer, base_version=base_version, submitted_at=now)
+        message = JobMessage(job_id=job_id, tenant=caller.tenant, spec=spec, inputs=inputs, trainer=trainer, base_version=base_version, submitted_at=now)
         job = Job(
-            id=job_id, state=JobState.queued, task=spec.task, model_name=spec.model_name,
+            id=job_id, tenant=caller.tenant, state=JobState.queued, task=spec.task, model_name=spec.model_name,
             spec=spec.model_dump(mode="json"), inputs=inputs.model_dump(mode="json"),
             base_version=base_version, created_at=now, updated_at=now, metrics={},
         )

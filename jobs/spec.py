@@ -223,6 +223,7 @@ class JobMessage(BaseModel):
 
     schema_version: int = SCHEMA_VERSION
     job_id: str
+    tenant: str = "local"  # the submitting key's tenant
     spec: JobSpec
     inputs: JobInputs
     trainer: str = "audio"  # built-in image/trainer folder: audio (PyTorch) or keras; spec.image wins

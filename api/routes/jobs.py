@@ -11,7 +11,7 @@ from fastapi.responses import RedirectResponse, StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from api.auth import Reader, Role, Submitter, audit, require
+from api.auth import Caller, Reader, Role, Submitter, audit, require
 from api.db import Job, OutboxMessage
 from api.deps import SessionDep, SettingsDep, StoreDep
 from api.event_stream import job_event_stream, parse_last_event_id
@@ -75,12 +75,13 @@ def create_job(
 @router.get("", response_model=JobList)
 def list_jobs(
     request: Request,
+    caller: Reader,
     session: SessionDep,
     state: JobState | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
     cursor: Cursor = None,
 ) -> JobList:
-    query = select(Job).order_by(Job.seq.desc()).limit(limit + 1)
+    query = select(Job).where(Job.tenant == caller.tenant).order_by(Job.seq.desc()).limit(limit + 1)
     if state is not None:
         query = query.where(Job.state == state)
     if cursor:
@@ -106,44 +107,45 @@ def decode_cursor(cursor: str) -> int:
     return int(text)
 
 
-def _get(session, job_id: str) -> Job:
-    job = session.scalar(select(Job).where(Job.id == job_id))
+def _get(session, job_id: str, caller: Caller) -> Job:
+    """The caller's tenant's job; another tenant's answers 404 like one that does not exist."""
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant == caller.tenant))
     if job is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail={"field": "job_id", "error": f"no job {job_id!r}"})
     return job
 
 
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: JobId, request: Request, session: SessionDep) -> JobOut:
-    return job_out(_get(session, job_id), request)
+def get_job(job_id: JobId, request: Request, caller: Reader, session: SessionDep) -> JobOut:
+    return job_out(_get(session, job_id, caller), request)
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}, "description": "the job's events, then new ones until the final one"}})
 async def job_events(
-    job_id: JobId, request: Request, settings: SettingsDep,
+    job_id: JobId, request: Request, caller: Reader, settings: SettingsDep,
     last_event_id: Annotated[str | None, Header(max_length=32, description="resume after this event id")] = None,
 ) -> StreamingResponse:
     """The job's events as Server-Sent Events (api/event_stream.py): its past events first, then
     each new one, closing after the final one."""
     db = request.app.state.db
     after = parse_last_event_id(last_event_id)
-    await run_in_threadpool(_exists, db, job_id)
+    await run_in_threadpool(_exists, db, job_id, caller)
     slots = request.app.state.event_streams
     slots.take()
     stream = job_event_stream(db, settings, slots, job_id, after, request.is_disconnected)
     return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _exists(db, job_id: str) -> None:
+def _exists(db, job_id: str, caller: Caller) -> None:
     with db.sessions() as session:
-        _get(session, job_id)
+        _get(session, job_id, caller)
 
 
 @router.get("/{job_id}/artifact")
 def job_artifact(job_id: JobId, caller: Reader, session: SessionDep, store: StoreDep, redirect: bool = False):
     """The trained model as SageMaker's model.tar.gz, streamed, or a presigned URL with ?redirect=true."""
-    job = _get(session, job_id)
+    job = _get(session, job_id, caller)
     if job.state != JobState.succeeded or job.model_version is None:
         raise HTTPException(status.HTTP_409_CONFLICT, detail={"field": "job_id", "error": f"job is {job.state}, it has no model yet"})
     audit(session, caller, "model.download", f"{job.model_name}/{job.model_version}", job_id=job_id)
@@ -176,9 +178,9 @@ def stream_response(store, key: str, media_type: str, headers: dict | None = Non
 
 
 @router.get("/{job_id}/logs")
-def job_logs(job_id: JobId, session: SessionDep, store: StoreDep):
+def job_logs(job_id: JobId, caller: Reader, session: SessionDep, store: StoreDep):
     """The trainer's whole output (stdout and stderr), stored when the job ended."""
-    _get(session, job_id)
+    _get(session, job_id, caller)
     key = f"jobs/{job_id}/train.log"
     if not store.exists(key):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail={"field": "job_id", "error": "no log yet: logs are stored when the trainer ends"})
@@ -186,9 +188,9 @@ def job_logs(job_id: JobId, session: SessionDep, store: StoreDep):
 
 
 @router.get("/{job_id}/outputs/{name}")
-def job_output(job_id: JobId, name: OutputName, session: SessionDep, store: StoreDep):
+def job_output(job_id: JobId, name: OutputName, caller: Reader, session: SessionDep, store: StoreDep):
     """A result file of a job that makes no model, e.g. a transcription's transcripts.csv and report.pdf."""
-    job = _get(session, job_id)
+    job = _get(session, job_id, caller)
     if name not in (job.outputs or []):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail={"field": "name", "error": f"job has no output {name!r}; it has {job.outputs or []}"})
     media = {"csv": "text/csv", "pdf": "application/pdf", "json": "application/json"}.get(name.rsplit(".", 1)[-1], "application/octet-stream")
@@ -199,7 +201,7 @@ def job_output(job_id: JobId, name: OutputName, session: SessionDep, store: Stor
 def cancel_job(job_id: JobId, request: Request, caller: Submitter, session: SessionDep, store: StoreDep, settings: SettingsDep) -> JobOut:
     """Cancel a queued or running job. The cancel is recorded as the job's outcome at once, so it
     holds even if no worker has the job now; a worker running it stops within seconds."""
-    job = _get(session, job_id)
+    job = _get(session, job_id, caller)
     if JobState(job.state).finished:
         raise HTTPException(status.HTTP_409_CONFLICT, detail={"field": "job_id", "error": f"job already {job.state}"})
     command = ControlCommand(command="cancel", job_id=job_id)  # the fast path to a worker running it

@@ -103,3 +103,18 @@ def test_the_audit_log_says_who_did_what(admin, clips):
     assert entries[1]["detail"]["model_name"] == "auth"
     created = admin.get("/v1/admin/audit", params={"action": "key.create"}).json()
     assert any(e["resource"] == key["id"] and e["detail"]["tenant"] == "globex" for e in created)
+
+
+def test_another_tenant_s_jobs_answer_404_and_are_not_listed(admin, clips):
+    acme = as_key(admin, make_key(admin, "acme", "submit")["key"])
+    globex = as_key(admin, make_key(admin, "globex", "submit")["key"])
+    job_id = post(acme, clips, SPEC).raise_for_status().json()["id"]
+    assert acme.get(f"/v1/jobs/{job_id}").status_code == 200
+    for method, path in (("GET", f"/v1/jobs/{job_id}"), ("GET", f"/v1/jobs/{job_id}/events"), ("GET", f"/v1/jobs/{job_id}/logs"),
+                         ("GET", f"/v1/jobs/{job_id}/artifact"), ("POST", f"/v1/jobs/{job_id}/cancel")):
+        response = globex.request(method, path)
+        assert response.status_code == 404, (path, response.text)  # its existence does not leak
+        assert response.json()["detail"] == {"field": "job_id", "error": f"no job {job_id!r}"}
+    assert job_id not in [j["id"] for j in globex.get("/v1/jobs", params={"limit": 500}).json()["items"]]
+    assert job_id in [j["id"] for j in acme.get("/v1/jobs", params={"limit": 500}).json()["items"]]
+    acme.post(f"/v1/jobs/{job_id}/cancel").raise_for_status()
