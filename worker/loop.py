@@ -2,8 +2,9 @@
 
 At-least-once: a job's offset is committed only after its outcome is recorded in the store and
 announced on Kafka, and never past a job still running (worker/offsets.py). Training takes
-hours, so while jobs run the worker keeps polling with its partitions paused (the group keeps it
-as a member). What happens to one job, its lease (one run at a time), its outcome and its
+hours, so while jobs run the worker keeps polling (the group keeps it as a member); a message
+that arrives while every slot is busy is held, its partition paused, and starts the moment a
+slot frees. What happens to one job, its lease (one run at a time), its outcome and its
 retries, is worker/execution.py. This loop never exits on a fault: a Kafka or store outage is
 logged and waited out.
 """
