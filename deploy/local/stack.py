@@ -106,6 +106,16 @@ def _pid_alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
+def _start_time(pid: int) -> str | None:
+    """When `pid` started (clock ticks since boot, /proc/<pid>/stat field 22): with the pid, what
+    tells our process from a later one that got the same number (pids wrap at pid_max, 32768 here)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -289,10 +299,14 @@ class Stack:
                 return proc.pid
             return None
         try:
-            pid = int(self.pid_path(name).read_text().strip())
+            pid_text, _, started = self.pid_path(name).read_text().strip().partition(" ")
+            pid = int(pid_text)
         except (FileNotFoundError, ValueError):
             return None
         if not _pid_alive(pid):
+            return None
+        # The number may belong to a later process by now (another stack's service even): not ours.
+        if started and _start_time(pid) != started:
             return None
         # After a reboot the number may belong to another program: check it is ours.
         if self._signature(name) not in _cmdline(pid):
@@ -385,7 +399,7 @@ class Stack:
         )
         log.close()  # the child holds its own copy of the descriptor
         self._procs[name] = proc
-        self.pid_path(name).write_text(f"{proc.pid}\n")
+        self.pid_path(name).write_text(f"{proc.pid} {_start_time(proc.pid) or ''}\n")
 
     def _service_env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -595,17 +609,21 @@ log4j.logger.kafka.log=WARN
         """SIGTERM the group, wait up to `timeout` s, then SIGKILL; remove the pid file."""
         pid = self.pid(name)
         if pid is not None:
+            started = _start_time(pid)
             t0 = time.monotonic()
             self.kill(name, signal.SIGTERM)
             if not self._wait_gone(name, pid, timeout):
                 print(f"[stack] {name}: still running after {timeout:.0f} s, SIGKILL", flush=True)
                 self.kill(name, signal.SIGKILL)
                 self._wait_gone(name, pid, 5.0)
-            # Stragglers in the group (a trainer the worker did not stop) go too.
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            # Stragglers in the group (a trainer the worker did not stop) go too. While they live
+            # the group's id cannot be given to a new process; if a process with that pid exists
+            # and started at another time, the group is gone and the number is someone else's.
+            if _start_time(pid) in (None, started):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
             print(f"[stack] {name}: stopped in {time.monotonic() - t0:.1f} s", flush=True)
         self._procs.pop(name, None)
         self.pid_path(name).unlink(missing_ok=True)
