@@ -11,8 +11,9 @@ Roles, each allowing what the one before allows:
     submit  submit and cancel jobs, move aliases
     admin   create, list and revoke keys (any tenant), read the audit log
 
-Every key belongs to a tenant (`tenant`), recorded with each audit entry. (Scoping jobs and
-models per tenant is the next step of the teams issue; today a key of any tenant sees all.)
+Every key belongs to a tenant, and acts within it: its jobs (api/routes/jobs.py answers 404 for
+another tenant's) and its models (the store's tenant view, models_store/store.py `for_tenant`).
+Each audit entry records the key and its tenant.
 
 Validated keys are cached for `auth_cache_s` so a busy client costs no database query per
 request; a revocation takes effect within that time.

@@ -1,4 +1,5 @@
-"""What route functions get injected: settings, the database session and the store."""
+"""What route functions get injected: settings, the database session and the store (as the
+caller's tenant sees it)."""
 
 from collections.abc import Iterator
 from typing import Annotated
@@ -6,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
+from api.auth import Reader
 from jobs.settings import Settings
 from models_store import ModelStore
 
@@ -22,6 +24,12 @@ def get_store(request: Request) -> ModelStore:
     return request.app.state.store
 
 
+def get_tenant_store(request: Request, caller: Reader) -> ModelStore:
+    """The store as the caller's tenant sees it (its own model names; models_store/store.py)."""
+    return request.app.state.store.for_tenant(caller.tenant)
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
 StoreDep = Annotated[ModelStore, Depends(get_store)]
+TenantStoreDep = Annotated[ModelStore, Depends(get_tenant_store)]

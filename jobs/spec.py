@@ -223,7 +223,7 @@ class JobMessage(BaseModel):
 
     schema_version: int = SCHEMA_VERSION
     job_id: str
-    tenant: str = "local"  # the submitting key's tenant
+    tenant: str = Field("local", pattern=r"^[a-z][a-z0-9-]{0,63}$")  # the submitting key's tenant: its models
     spec: JobSpec
     inputs: JobInputs
     trainer: str = "audio"  # built-in image/trainer folder: audio (PyTorch) or keras; spec.image wins

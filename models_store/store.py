@@ -9,6 +9,11 @@
     models/<name>/versions/<N>/metrics.json, *.png, model_card.md        for people and dashboards
     models/<name>/versions/<N>/version.json                              lineage; written last = version complete
     models/<name>/aliases/<alias>.json                                   {"version": N}: latest, production, ...
+
+Model names are per tenant: the `models/` tree above is the local tenant's (and every model from
+before tenants); tenant T's is the same tree under `tenants/T/models/`. `store.for_tenant(T)` is
+the store seen by T: every model method of it works in T's tree; job objects are shared (a job
+id belongs to one tenant, which the API checks).
 """
 
 import io
@@ -78,10 +83,23 @@ def make_store(settings: Settings) -> "ModelStore":
     return ModelStore(client, settings.s3_bucket)
 
 
+LOCAL_TENANT = "local"  # the local stack's tenant, whose models keep the layout from before tenants
+TENANT_NAME = re.compile(r"[a-z][a-z0-9-]{0,63}")
+
+
 class ModelStore:
-    def __init__(self, client: Minio, bucket: str):
+    def __init__(self, client: Minio, bucket: str, models_root: str = "models/"):
         self.client = client
         self.bucket = bucket
+        self.models_root = models_root  # where this tenant's models are (see the layout above)
+
+    def for_tenant(self, tenant: str) -> "ModelStore":
+        """The store as `tenant` sees it: its own model names, versions and aliases."""
+        if tenant == LOCAL_TENANT:
+            return self if self.models_root == "models/" else ModelStore(self.client, self.bucket)
+        if not TENANT_NAME.fullmatch(tenant):
+            raise ValueError(f"not a tenant name: {tenant!r}")
+        return ModelStore(self.client, self.bucket, f"tenants/{tenant}/models/")
 
     # ---- plumbing -------------------------------------------------------------------------
 
@@ -215,19 +233,18 @@ class ModelStore:
 
     # ---- models ---------------------------------------------------------------------------
 
-    @staticmethod
-    def version_prefix(name: str, version: int) -> str:
-        return f"models/{name}/versions/{version}/"
+    def version_prefix(self, name: str, version: int) -> str:
+        return f"{self.models_root}{name}/versions/{version}/"
 
     def artifact_key(self, name: str, version: int) -> str:
         return self.version_prefix(name, version) + "model.tar.gz"
 
     def list_models(self) -> list[str]:
-        objects = self.client.list_objects(self.bucket, prefix="models/", recursive=False)
-        return sorted(o.object_name.removeprefix("models/").rstrip("/") for o in objects if o.is_dir)
+        objects = self.client.list_objects(self.bucket, prefix=self.models_root, recursive=False)
+        return sorted(o.object_name.removeprefix(self.models_root).rstrip("/") for o in objects if o.is_dir)
 
     def _version_numbers(self, name: str) -> list[int]:
-        prefix = f"models/{name}/versions/"
+        prefix = f"{self.models_root}{name}/versions/"
         numbers = []
         for o in self.client.list_objects(self.bucket, prefix=prefix, recursive=False):
             tail = o.object_name.removeprefix(prefix).rstrip("/")
@@ -245,7 +262,7 @@ class ModelStore:
         return [v for v in found if v is not None]
 
     def aliases(self, name: str) -> dict[str, int]:
-        prefix = f"models/{name}/aliases/"
+        prefix = f"{self.models_root}{name}/aliases/"
         result = {}
         for key in self.list_keys(prefix):
             value = self.get_json(key)
@@ -256,7 +273,7 @@ class ModelStore:
     def set_alias(self, name: str, alias: str, version: int) -> None:
         if self.get_version(name, version) is None:
             raise KeyError(f"model {name!r} has no version {version}")
-        self.put_json(f"models/{name}/aliases/{alias}.json", {"version": version, "updated_at": datetime.now(UTC)})
+        self.put_json(f"{self.models_root}{name}/aliases/{alias}.json", {"version": version, "updated_at": datetime.now(UTC)})
 
     def find_version(self, name: str, version: int | str) -> VersionInfo | None:
         """A version number or an alias ('latest', 'production', ...) -> that complete version."""
@@ -306,7 +323,7 @@ class ModelStore:
     def move_alias_if(self, name: str, alias: str, version: int, expected: int | None) -> bool:
         """Point `alias` at `version` only if it still points at `expected` (None: unset), a
         compare-and-swap on the alias object; False when it moved meanwhile."""
-        key = f"models/{name}/aliases/{alias}.json"
+        key = f"{self.models_root}{name}/aliases/{alias}.json"
         current = self.get_json_tagged(key)
         holder = int(current[0]["version"]) if current and current[0] else None
         if holder != expected:
@@ -324,7 +341,7 @@ class ModelStore:
     def _advance_latest(self, name: str, version: int) -> None:
         """Move `latest` to `version` unless it already points at a newer one: two jobs that
         finish out of order never move it backwards (compare-and-swap on the alias object)."""
-        key = f"models/{name}/aliases/latest.json"
+        key = f"{self.models_root}{name}/aliases/latest.json"
         while True:
             current = self.get_json_tagged(key)
             if current is not None and int(current[0].get("version", 0)) >= version:

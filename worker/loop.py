@@ -134,7 +134,7 @@ class Worker:
             self._commit()
             return
         # Whether it already has an outcome, or runs on another worker, JobExecution finds out.
-        execution = JobExecution(job, self.settings, self.store, self.runner, self.events, self.worker_id, self.gpus,
+        execution = JobExecution(job, self.settings, self.store.for_tenant(job.tenant), self.runner, self.events, self.worker_id, self.gpus,
                                  on_epoch=self.metrics.epoch_seconds.observe)
         log.info("job %s: taken (%s, model %s)", job.job_id, job.spec.task, job.spec.model_name)
         self.offsets.started(message)

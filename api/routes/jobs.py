@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.auth import Caller, Reader, Role, Submitter, audit, require
 from api.db import Job, OutboxMessage
-from api.deps import SessionDep, SettingsDep, StoreDep
+from api.deps import SessionDep, SettingsDep, TenantStoreDep
 from api.event_stream import job_event_stream, parse_last_event_id
 from api.schemas import JobCreated, JobList, JobOut, Progress
 from api.submissions import Upload, Uploads, submit_job
@@ -56,7 +56,7 @@ def create_job(
     request: Request,
     caller: Submitter,
     session: SessionDep,
-    store: StoreDep,
+    store: TenantStoreDep,
     settings: SettingsDep,
     spec: Annotated[str, Form(description='JSON job spec, e.g. {"task": "audio_classification", "model_name": "keywords"}')],
     dataset: Annotated[UploadFile, File(description="CSV manifest: audio,label[,split]")],
@@ -143,7 +143,7 @@ def _exists(db, job_id: str, caller: Caller) -> None:
 
 
 @router.get("/{job_id}/artifact")
-def job_artifact(job_id: JobId, caller: Reader, session: SessionDep, store: StoreDep, redirect: bool = False):
+def job_artifact(job_id: JobId, caller: Reader, session: SessionDep, store: TenantStoreDep, redirect: bool = False):
     """The trained model as SageMaker's model.tar.gz, streamed, or a presigned URL with ?redirect=true."""
     job = _get(session, job_id, caller)
     if job.state != JobState.succeeded or job.model_version is None:
@@ -178,7 +178,7 @@ def stream_response(store, key: str, media_type: str, headers: dict | None = Non
 
 
 @router.get("/{job_id}/logs")
-def job_logs(job_id: JobId, caller: Reader, session: SessionDep, store: StoreDep):
+def job_logs(job_id: JobId, caller: Reader, session: SessionDep, store: TenantStoreDep):
     """The trainer's whole output (stdout and stderr), stored when the job ended."""
     _get(session, job_id, caller)
     key = f"jobs/{job_id}/train.log"
@@ -188,7 +188,7 @@ def job_logs(job_id: JobId, caller: Reader, session: SessionDep, store: StoreDep
 
 
 @router.get("/{job_id}/outputs/{name}")
-def job_output(job_id: JobId, name: OutputName, caller: Reader, session: SessionDep, store: StoreDep):
+def job_output(job_id: JobId, name: OutputName, caller: Reader, session: SessionDep, store: TenantStoreDep):
     """A result file of a job that makes no model, e.g. a transcription's transcripts.csv and report.pdf."""
     job = _get(session, job_id, caller)
     if name not in (job.outputs or []):
@@ -198,7 +198,7 @@ def job_output(job_id: JobId, name: OutputName, caller: Reader, session: Session
 
 
 @router.post("/{job_id}/cancel", status_code=status.HTTP_202_ACCEPTED, response_model=JobOut)
-def cancel_job(job_id: JobId, request: Request, caller: Submitter, session: SessionDep, store: StoreDep, settings: SettingsDep) -> JobOut:
+def cancel_job(job_id: JobId, request: Request, caller: Submitter, session: SessionDep, store: TenantStoreDep, settings: SettingsDep) -> JobOut:
     """Cancel a queued or running job. The cancel is recorded as the job's outcome at once, so it
     holds even if no worker has the job now; a worker running it stops within seconds."""
     job = _get(session, job_id, caller)

@@ -9,7 +9,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path, status
 
 from api.auth import Reader, Role, Submitter, audit, require
-from api.deps import SessionDep, StoreDep
+from api.deps import SessionDep, TenantStoreDep
 from api.routes.jobs import artifact_response, stream_response
 from api.schemas import AliasIn, ModelOut
 from jobs.spec import ALIAS_PATTERN, MODEL_NAME_PATTERN, VERSION_PATTERN, parse_version_ref
@@ -35,12 +35,12 @@ def _version(store, name: str, version: str) -> VersionInfo:
 
 
 @router.get("", response_model=list[ModelOut])
-def list_models(store: StoreDep) -> list[ModelOut]:
+def list_models(store: TenantStoreDep) -> list[ModelOut]:
     return [ModelOut(name=n, versions=len(store.list_versions(n)), aliases=store.aliases(n)) for n in store.list_models()]
 
 
 @router.get("/{name}/versions", response_model=list[VersionInfo])
-def list_versions(name: ModelName, store: StoreDep) -> list[VersionInfo]:
+def list_versions(name: ModelName, store: TenantStoreDep) -> list[VersionInfo]:
     versions = store.list_versions(name)
     if not versions:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail={"field": "name", "error": f"no model {name!r}"})
@@ -48,20 +48,20 @@ def list_versions(name: ModelName, store: StoreDep) -> list[VersionInfo]:
 
 
 @router.get("/{name}/versions/{version}", response_model=VersionInfo)
-def get_version(name: ModelName, version: Version, store: StoreDep) -> VersionInfo:
+def get_version(name: ModelName, version: Version, store: TenantStoreDep) -> VersionInfo:
     """`version` is a number or an alias such as latest or production."""
     return _version(store, name, version)
 
 
 @router.get("/{name}/versions/{version}/artifact")
-def version_artifact(name: ModelName, version: Version, caller: Reader, session: SessionDep, store: StoreDep, redirect: bool = False):
+def version_artifact(name: ModelName, version: Version, caller: Reader, session: SessionDep, store: TenantStoreDep, redirect: bool = False):
     info = _version(store, name, version)
     audit(session, caller, "model.download", f"{name}/{info.version}")
     return artifact_response(store, name, info.version, redirect)
 
 
 @router.get("/{name}/versions/{version}/files/{filename}")
-def version_file(name: ModelName, version: Version, filename: FileName, store: StoreDep):
+def version_file(name: ModelName, version: Version, filename: FileName, store: TenantStoreDep):
     """metrics.json, the plots and the model card of a version."""
     info = _version(store, name, version)
     if filename not in info.files:
@@ -72,7 +72,7 @@ def version_file(name: ModelName, version: Version, filename: FileName, store: S
 
 
 @router.put("/{name}/aliases/{alias}", response_model=ModelOut)
-def set_alias(name: ModelName, alias: Alias, body: AliasIn, caller: Submitter, session: SessionDep, store: StoreDep) -> ModelOut:
+def set_alias(name: ModelName, alias: Alias, body: AliasIn, caller: Submitter, session: SessionDep, store: TenantStoreDep) -> ModelOut:
     """Point an alias (e.g. production) at a version. `latest` moves by itself with each new version."""
     if alias == "latest":
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail={"field": "alias", "error": "latest moves by itself to each new version; choose another alias"})

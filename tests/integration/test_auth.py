@@ -2,6 +2,7 @@
 a role that does not allow the call a 403; an admin makes, lists and revokes keys over HTTP; keys
 are stored only as hashes; who submitted, cancelled, moved an alias and downloaded is audited."""
 
+import json
 import os
 from datetime import UTC, datetime, timedelta
 
@@ -118,3 +119,32 @@ def test_another_tenant_s_jobs_answer_404_and_are_not_listed(admin, clips):
     assert job_id not in [j["id"] for j in globex.get("/v1/jobs", params={"limit": 500}).json()["items"]]
     assert job_id in [j["id"] for j in acme.get("/v1/jobs", params={"limit": 500}).json()["items"]]
     acme.post(f"/v1/jobs/{job_id}/cancel").raise_for_status()
+
+
+def test_model_names_are_per_tenant_and_another_tenant_s_models_answer_404(admin, tmp_path):
+    model, data = tmp_path / "model", tmp_path / "data"
+    model.mkdir()
+    data.mkdir()
+    (model / "weights.bin").write_bytes(b"acme's weights")
+    store = admin.app_state.store
+    lineage = {"task": "audio_classification", "dataset": "d"}
+    store.for_tenant("acme").publish_version("shared-name", "job-acme", model, data, lineage)  # as a worker does for acme's job
+    acme = as_key(admin, make_key(admin, "acme", "submit")["key"])
+    globex = as_key(admin, make_key(admin, "globex", "submit")["key"])
+    assert [m["name"] for m in acme.get("/v1/models").json()] == ["shared-name"]
+    assert acme.get("/v1/models/shared-name/versions/1").json()["job_id"] == "job-acme"
+    assert "shared-name" not in [m["name"] for m in globex.get("/v1/models").json()]
+    for method, path, body in (("GET", "/v1/models/shared-name/versions", None), ("GET", "/v1/models/shared-name/versions/1", None),
+                               ("GET", "/v1/models/shared-name/versions/1/artifact", None),
+                               ("PUT", "/v1/models/shared-name/aliases/production", {"version": 1})):
+        assert globex.request(method, path, json=body).status_code == 404, path
+    # The same name in another tenant is a model of its own, with versions of its own.
+    (model / "weights.bin").write_bytes(b"globex's weights")
+    store.for_tenant("globex").publish_version("shared-name", "job-globex", model, data, lineage)
+    assert globex.get("/v1/models/shared-name/versions/1").json()["job_id"] == "job-globex"
+    assert acme.get("/v1/models/shared-name/versions/1").json()["job_id"] == "job-acme"
+    # A base model comes from the caller's tenant only.
+    spec = {"task": "audio_classification", "model_name": "other", "base": {"model": "shared-name", "version": 1}}
+    response = as_key(admin, make_key(admin, "initech", "submit")["key"]).post(
+        "/v1/jobs", data={"spec": json.dumps(spec)}, files={"dataset": ("d.csv", b"audio,label\na.wav,x\nb.wav,y\n")})
+    assert response.status_code == 422 and response.json()["detail"]["field"] == "spec.base", response.text
