@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from demo.spoken_words import zip_clips
 from tests.conftest import submit, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -19,12 +20,19 @@ SPEC = {"task": "audio_classification", "model_name": "ui-keywords", "hyperparam
 
 
 @pytest.fixture(scope="module")
-def trained(api, keyword_data):
-    """Two versions: v1 from scratch, v2 continued from v1."""
+def trained(api, keyword_data, tmp_path_factory):
+    """Two versions: v1 from scratch; v2 continued from v1, asking for `staging` (champion /
+    challenger on the held-out voices; nothing holds staging yet, so it takes it)."""
     first = wait_for(api, submit(api, SPEC, keyword_data["csv"], keyword_data["zip"]).json()["id"])
     assert first["state"] == "succeeded", first["error"]
-    spec = {**SPEC, "base": {"model": "ui-keywords", "version": first["model_version"]}}
-    second = wait_for(api, submit(api, spec, keyword_data["csv"], keyword_data["zip"]).json()["id"])
+    spec = {**SPEC, "base": {"model": "ui-keywords", "version": first["model_version"]},
+            "promote": {"alias": "staging", "metric": "accuracy"}}
+    heldout_zip = zip_clips(keyword_data["heldout_dir"], keyword_data["heldout_csv"], tmp_path_factory.mktemp("ui") / "heldout.zip")
+    response = api.post("/v1/jobs", data={"spec": json.dumps(spec)}, files={
+        "dataset": ("words.csv", keyword_data["csv"].read_bytes()), "audio": ("clips.zip", keyword_data["zip"].read_bytes()),
+        "heldout": ("heldout.csv", keyword_data["heldout_csv"].read_bytes()), "heldout_audio": ("heldout.zip", heldout_zip.read_bytes())})
+    assert response.status_code == 202, response.text
+    second = wait_for(api, response.json()["id"])
     assert second["state"] == "succeeded", second["error"]
     return first, second
 
@@ -135,6 +143,10 @@ def test_models_versions_lineage_comparison_and_promotion(page, api, trained, sh
     versions.first.wait_for()
     assert page.locator(f'#versions tr[data-version="{v2}"]').inner_text().count(f"v{v1}") >= 1  # trained from v1
     assert "from scratch" in page.locator(f'#versions tr[data-version="{v1}"]').inner_text()
+    # The champion / challenger decision, with its score on the held-out set, in the lineage.
+    decision = page.locator(f'#versions tr[data-version="{v2}"] td.promotion').inner_text()
+    assert decision.startswith("took staging: accuracy ") and "had no version" in decision, decision
+    assert "staging" in page.locator(f'#versions tr[data-version="{v2}"]').inner_text()
     page.screenshot(path=shots / "model.png", full_page=True)
 
     page.check(f"input[aria-label='select version {v1}']")
