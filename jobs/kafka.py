@@ -11,36 +11,38 @@ from jobs.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def client_config(settings: Settings, **config) -> dict:
+    """Every client's librdkafka properties: the brokers, the operator's own (TLS, SASL:
+    settings.kafka_client_config), then what this client needs."""
+    return {"bootstrap.servers": settings.kafka_bootstrap, **settings.kafka_client_config, **config}
+
+
 def make_producer(settings: Settings, **overrides) -> Producer:
     # Idempotent + acks=all: a retried send is never duplicated and an acknowledged one never lost.
     config = {
-        "bootstrap.servers": settings.kafka_bootstrap,
         "enable.idempotence": True,
         "acks": "all",
         "linger.ms": 5,
         "client.id": "retrain",
     }
-    config.update(overrides)
-    return Producer(config)
+    return Producer(client_config(settings, **{**config, **overrides}))
 
 
 def make_consumer(settings: Settings, group_id: str, **overrides) -> Consumer:
     # Offsets are committed by hand, after the work a message asked for is recorded.
     config = {
-        "bootstrap.servers": settings.kafka_bootstrap,
         "group.id": group_id,
         "enable.auto.commit": False,
         "auto.offset.reset": "earliest",
         "session.timeout.ms": settings.kafka_session_timeout_ms,
         "heartbeat.interval.ms": max(1000, settings.kafka_session_timeout_ms // 5),
     }
-    config.update(overrides)
-    return Consumer(config)
+    return Consumer(client_config(settings, **{**config, **overrides}))
 
 
 def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
     """Create the service's topics if they are missing (idempotent; API and worker both call it)."""
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(client_config(settings))
     existing = set(admin.list_topics(timeout=timeout).topics)
     wanted = {
         settings.topic_jobs: settings.topic_partitions,
@@ -61,7 +63,7 @@ def ensure_topics(settings: Settings, timeout: float = 30.0) -> None:
 
 
 def check_kafka(settings: Settings, timeout: float = 3.0) -> None:
-    AdminClient({"bootstrap.servers": settings.kafka_bootstrap}).list_topics(timeout=timeout)
+    AdminClient(client_config(settings)).list_topics(timeout=timeout)
 
 
 def send(producer: Producer, topic: str, key: str, value: BaseModel, timeout: float = 30.0) -> None:

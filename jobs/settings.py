@@ -12,6 +12,11 @@ class Settings(BaseSettings):
 
     # Kafka
     kafka_bootstrap: str = "127.0.0.1:9092"
+    # librdkafka properties added to every Kafka client of the API and the workers, for TLS and
+    # SASL in production, e.g. RETRAIN_KAFKA_CLIENT_CONFIG='{"security.protocol": "SASL_SSL",
+    # "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "retrain", "sasl.password": "...",
+    # "ssl.ca.location": "/etc/retrain/kafka-ca.pem"}' (README, "Production: TLS and SASL").
+    kafka_client_config: dict[str, str | int | bool] = {}
     topic_jobs: str = "retrain.jobs"
     topic_events: str = "retrain.job-events"
     topic_control: str = "retrain.control"

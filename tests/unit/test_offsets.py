@@ -64,3 +64,14 @@ def test_a_revoked_partition_keeps_its_running_jobs_below_any_commit():
     tracker.done_without_running(FakeMessage(7))
     tracker.finished(FakeMessage(8))
     assert positions(tracker) == {(0, 7)}
+
+
+def test_every_kafka_client_gets_the_operator_s_tls_and_sasl_properties():
+    from jobs.kafka import client_config
+    from jobs.settings import Settings
+
+    settings = Settings(_env_file=None, kafka_bootstrap="k1:9093", kafka_client_config={
+        "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "retrain"})
+    config = client_config(settings, **{"group.id": "g", "enable.auto.commit": False})
+    assert config == {"bootstrap.servers": "k1:9093", "security.protocol": "SASL_SSL", "sasl.mechanism": "SCRAM-SHA-512",
+                      "sasl.username": "retrain", "group.id": "g", "enable.auto.commit": False}
