@@ -60,6 +60,7 @@ def bearer(key: str) -> dict[str, str]:
 
 
 _ADMIN_KEYS: dict[str, str] = {}
+TEST_TENANT = "tests"  # the tenant of admin_headers' keys (rows a test writes itself must carry it)
 
 
 def admin_headers(app_settings: Settings) -> dict[str, str]:
@@ -70,7 +71,7 @@ def admin_headers(app_settings: Settings) -> dict[str, str]:
     url = app_settings.database_url
     if url not in _ADMIN_KEYS:
         with Database(url).sessions() as session:
-            _ADMIN_KEYS[url] = create_key(session, "tests", Role.admin, name="tests")[1]
+            _ADMIN_KEYS[url] = create_key(session, TEST_TENANT, Role.admin, name="tests")[1]
     return bearer(_ADMIN_KEYS[url])
 
 

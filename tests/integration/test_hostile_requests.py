@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from api.db import Job, OutboxDead, OutboxMessage
 from jobs.events import JobState, utcnow
-from tests.conftest import in_process_api, isolated, wait_until
+from tests.conftest import TEST_TENANT, in_process_api, isolated, wait_until
 from tests.integration.test_bad_input import make_zip, messages_on
 
 pytestmark = pytest.mark.integration
@@ -260,7 +260,7 @@ def _stuck_job(state, settings, size: int) -> str:
     job_id = str(uuid.uuid4())
     now = utcnow()
     with state.db.sessions() as session:
-        session.add(Job(id=job_id, state=JobState.queued, task="audio_classification", model_name="outbox",
+        session.add(Job(id=job_id, tenant=TEST_TENANT, state=JobState.queued, task="audio_classification", model_name="outbox",
                         spec={**SPEC, "model_name": "outbox"}, inputs={}, created_at=now, updated_at=now, metrics={}))
         value = json.dumps({"job_id": job_id, "padding": "x" * size})
         session.add(OutboxMessage(topic=settings.topic_jobs, key=job_id, value=value))
