@@ -13,7 +13,6 @@ soundfile). The uploads travel as file descriptors, not bytes. The child answers
 refusal (an InputError, field/file/row intact) or with what the API needs to know of the data.
 """
 
-import logging
 import multiprocessing
 import os
 import signal
@@ -23,8 +22,6 @@ from typing import BinaryIO
 
 from api.validation import InputError, UploadLimits, check_audio_files, read_manifest
 from jobs.spec import Task
-
-log = logging.getLogger(__name__)
 
 _context = multiprocessing.get_context("forkserver")
 _context.set_forkserver_preload(["__main__", "api.validation"])  # __main__: imported once, not per child

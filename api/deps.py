@@ -20,10 +20,6 @@ def get_session(request: Request) -> Iterator[Session]:
     yield from request.app.state.db.session()
 
 
-def get_store(request: Request) -> ModelStore:
-    return request.app.state.store
-
-
 def get_tenant_store(request: Request, caller: Reader) -> ModelStore:
     """The store as the caller's tenant sees it (its own model names; models_store/store.py)."""
     return request.app.state.store.for_tenant(caller.tenant)
@@ -31,5 +27,4 @@ def get_tenant_store(request: Request, caller: Reader) -> ModelStore:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 SessionDep = Annotated[Session, Depends(get_session)]
-StoreDep = Annotated[ModelStore, Depends(get_store)]
 TenantStoreDep = Annotated[ModelStore, Depends(get_tenant_store)]
