@@ -49,7 +49,8 @@ def kafka_round_trips(n: int) -> list[float]:
     return times
 
 
-def dispatch(client: httpx.Client, csv: Path, clips: Path, n: int) -> tuple[list[float], list[float]]:
+def dispatch(client: httpx.Client, csv: Path, clips: Path, n: int, trace: list | None = None) -> tuple[list[float], list[float]]:
+    """`trace`, when given, gets (job id, seconds until a client saw it running) per job."""
     spec = {"task": "audio_classification", "model_name": "bench-dispatch", "hyperparameters": {"epochs": 1}}
     server, seen = [], []
     for _ in range(n):
@@ -63,6 +64,8 @@ def dispatch(client: httpx.Client, csv: Path, clips: Path, n: int) -> tuple[list
                 break
             time.sleep(0.01)
         seen.append(time.perf_counter() - accepted)
+        if trace is not None:
+            trace.append((job_id, seen[-1]))
         server.append((datetime.fromisoformat(job["started_at"]) - datetime.fromisoformat(job["created_at"])).total_seconds())
         client.post(f"/v1/jobs/{job_id}/cancel")
         while client.get(f"/v1/jobs/{job_id}").json()["state"] not in ("cancelled", "succeeded", "failed"):

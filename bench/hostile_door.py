@@ -31,6 +31,7 @@ import gzip
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -362,6 +363,7 @@ def measure(api: str, api_pid: int, csv: Path, clips: Path, args) -> dict:
     health = Health(api, args.health_requests, args.health_interval, args.hostile_timeout)
     posts: list[float] = []
     begun: dict[int, float] = {}
+    trace: list = []
 
     def on_request(request: httpx.Request):
         if request.method == "POST" and request.url.path == "/v1/jobs":
@@ -375,13 +377,13 @@ def measure(api: str, api_pid: int, csv: Path, clips: Path, args) -> dict:
     health.start()
     start = time.monotonic()
     with httpx.Client(base_url=api, headers=api_headers(), timeout=args.hostile_timeout, event_hooks={"request": [on_request], "response": [on_response]}) as client:
-        server, seen = dispatch(client, csv, clips, args.jobs)
+        server, seen = dispatch(client, csv, clips, args.jobs, trace)
     health.stopping.set()
     health.join()
     wall = time.monotonic() - start
     sampler.stop()
     return {"server": server, "seen": seen, "posts": posts, "health": health.times, "health_failures": health.failures,
-            "sampler": sampler, "wall": wall}
+            "sampler": sampler, "wall": wall, "trace": trace}
 
 
 # ---- report -------------------------------------------------------------------------------------
@@ -482,6 +484,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of attack before the measurement starts")
     parser.add_argument("--py-spy", help="a py-spy binary: profile the API during the attack phase (not a project dependency)")
     parser.add_argument("--profile-out", default="hostile_door.pyspy.txt", help="where --py-spy writes its collapsed stacks")
+    parser.add_argument("--logs", help="copy the private stack's logs here, with each phase's jobs (id, s until seen running)")
     parser.add_argument("--running", action="store_true", help="use the stack `make up` started (RETRAIN_* settings)")
     parser.add_argument("--api", help="use the API at this URL (with --api-pid)")
     parser.add_argument("--api-pid", type=int, help="the pid of that API's process (for its memory and CPU)")
@@ -568,7 +571,14 @@ def main() -> None:
             load_after = os.getloadavg()
         finally:
             if stack is not None:
+                if args.logs:
+                    Path(args.logs).mkdir(parents=True, exist_ok=True)
+                    for log in stack.run_dir.glob("*.log"):
+                        shutil.copy(log, Path(args.logs) / log.name)
                 stack.down()
+    if args.logs:
+        traces = {phase: measured["trace"] for phase, measured in (("baseline", base), ("attack", attack))}
+        (Path(args.logs) / "dispatch.json").write_text(json.dumps(traces, indent=1))
     notes = [f"\nload average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after, on {os.cpu_count()} CPUs "
              "(other processes on the machine count too)"]
     if stuck:

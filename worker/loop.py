@@ -209,7 +209,7 @@ class Worker:
         lags = {}
         try:
             for tp in self.consumer.position(self.consumer.assignment()):
-                low, high = self.consumer.get_watermark_offsets(tp, timeout=2)
+                low, high = self.consumer.get_watermark_offsets(tp, cached=True)
                 lags[tp.partition] = max(0, high - (tp.offset if tp.offset >= 0 else low))
         except Exception as err:  # Kafka away: the last figures stay
             log.debug("consumer lag not measured: %s", err)

@@ -21,26 +21,14 @@ import hashlib
 import json
 import os
 import random
-import signal
-import sys
 import time
-import traceback
-from pathlib import Path
 
 import numpy as np
 
 from . import FORMAT, SAMPLE_RATE
 from .args import Paths, TrainingArguments, parse_hyperparameters
-from .errors import TrainerError
+from .contract import run_main
 from .progress import log
-
-
-class Terminated(Exception):
-    pass
-
-
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise Terminated()
 
 
 def _fingerprint(args: TrainingArguments, splits, base) -> str:
@@ -192,37 +180,8 @@ def run(paths: Paths) -> dict:
     return metrics
 
 
-def _write_failure(paths_output: Path, reason: str) -> None:
-    try:
-        paths_output.mkdir(parents=True, exist_ok=True)
-        (paths_output / "failure").write_text(reason.strip() + "\n")
-    except OSError as e:
-        log(f"could not write the failure file: {e}")
-
-
 def main() -> int:
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    output_dir = Path(os.environ.get("SM_OUTPUT_DIR") or "/opt/ml/output")
-    try:
-        paths = Paths.from_env()
-        output_dir = paths.output_dir
-        run(paths)
-        return 0
-    except TrainerError as e:
-        reason = str(e)
-    except Terminated:
-        reason = ("Training was stopped by SIGTERM (cancelled or past its deadline). The last checkpoint is kept, "
-                  "so a rerun of this job resumes from it.")
-    except MemoryError:
-        reason = "The trainer ran out of memory; use a smaller batch_size or a machine with more memory."
-    except Exception as e:  # noqa: BLE001 - an unexpected error still gets a reason, and its traceback in the log
-        traceback.print_exc(file=sys.stderr)
-        reason = f"Unexpected trainer error: {type(e).__name__}: {e}. See the job's log lines for the traceback."
-        if "out of memory" in str(e).lower():
-            reason = f"The GPU ran out of memory ({e}); use a smaller batch_size."
-    log(f"FAILED: {reason}")
-    _write_failure(output_dir, reason)
-    return 1
+    return run_main(run, "training")
 
 
-__all__ = ["main", "run", "FORMAT"]
+__all__ = ["FORMAT", "main", "run"]

@@ -22,17 +22,14 @@ import inspect
 import json
 import os
 import random
-import signal
-import sys
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
 
 from audio_trainer.args import Paths
+from audio_trainer.contract import run_main
 from audio_trainer.errors import TrainerError
-from audio_trainer.main import Terminated, _on_sigterm, _write_failure
 from audio_trainer.progress import log
 
 from . import METHOD
@@ -184,28 +181,7 @@ def run(paths: Paths) -> dict:
 
 
 def main() -> int:
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    output_dir = Path(os.environ.get("SM_OUTPUT_DIR") or "/opt/ml/output")
-    try:
-        paths = Paths.from_env()
-        output_dir = paths.output_dir
-        run(paths)
-        return 0
-    except TrainerError as e:
-        reason = str(e)
-    except Terminated:
-        reason = ("Training was stopped by SIGTERM (cancelled or past its deadline). The last checkpoint is kept, "
-                  "so a rerun of this job resumes from it.")
-    except MemoryError:
-        reason = "The trainer ran out of memory; use a smaller batch_size (with gradient_accumulation_steps)."
-    except Exception as e:  # noqa: BLE001 - an unexpected error still gets a reason, and its traceback in the log
-        traceback.print_exc(file=sys.stderr)
-        reason = f"Unexpected trainer error: {type(e).__name__}: {e}. See the job's log lines for the traceback."
-        if "out of memory" in str(e).lower():
-            reason = f"The GPU ran out of memory ({e}); use a smaller batch_size with gradient_accumulation_steps."
-    log(f"FAILED: {reason}")
-    _write_failure(output_dir, reason)
-    return 1
+    return run_main(run, "fine-tuning", memory_hint="use a smaller batch_size with gradient_accumulation_steps")
 
 
 __all__ = ["main", "run"]

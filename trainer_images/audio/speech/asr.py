@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from audio_trainer.contract import run_main
+
 from . import FORMAT, SAMPLE_RATE
 from .common import (
     Paths,
@@ -47,7 +49,6 @@ from .common import (
     log,
     parse_arguments,
     read_manifest,
-    run_main,
 )
 from .vocab import BOS, DELIMITER, EOS, PAD, UNK, base_is_uppercase, characters, fresh_vocab, merge_vocab, normalise, write_vocab
 

@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import sys
 import time
-import traceback
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +25,7 @@ from . import SAMPLE_RATE
 from .audio_io import decode
 
 __all__ = ["Paths", "TrainerError", "emit_progress", "log", "parse_arguments", "Utterance", "read_manifest",
-           "load_audio", "find_model_dir", "check_model_dir_is_safe", "run_main"]
+           "load_audio", "find_model_dir", "check_model_dir_is_safe"]
 
 _START = time.monotonic()
 
@@ -203,44 +199,3 @@ def check_model_dir_is_safe(model_dir: Path) -> dict:
                                "model.save_pretrained(dir, safe_serialization=True).")
         raise TrainerError("The base model directory has no *.safetensors weights.")
     return config
-
-
-# --------------------------------------------------------------------------------------------
-# The contract's failure handling
-
-class Terminated(Exception):
-    pass
-
-
-def _on_sigterm(signum, frame):  # noqa: ARG001
-    raise Terminated()
-
-
-def run_main(job: Callable[[Paths], object], what: str) -> int:
-    """Run `job`; on any error write a one-paragraph reason to $SM_OUTPUT_DIR/failure and return 1."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    output_dir = Path(os.environ.get("SM_OUTPUT_DIR") or "/opt/ml/output")
-    try:
-        paths = Paths.from_env()
-        output_dir = paths.output_dir
-        job(paths)
-        return 0
-    except TrainerError as e:
-        reason = str(e)
-    except Terminated:
-        reason = (f"The {what} was stopped by SIGTERM (cancelled or past its deadline). Checkpoints are kept, so a "
-                  "rerun of this job resumes from the last one.")
-    except MemoryError:
-        reason = f"The {what} ran out of memory; use a smaller batch_size or a machine with more memory."
-    except Exception as e:  # noqa: BLE001 - an unexpected error still gets a reason, and its traceback in the log
-        traceback.print_exc(file=sys.stderr)
-        reason = f"Unexpected error in the {what}: {type(e).__name__}: {e}. See the job's log lines for the traceback."
-        if "out of memory" in str(e).lower():
-            reason = f"The GPU ran out of memory ({e}); use a smaller batch_size or max_seconds."
-    log(f"FAILED: {reason}")
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / "failure").write_text(reason.strip() + "\n")
-    except OSError as e:
-        log(f"could not write the failure file: {e}")
-    return 1

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from audio_trainer.contract import run_main
+
 from . import SAMPLE_RATE
 from .audio_io import decode
 from .common import (
@@ -32,7 +34,6 @@ from .common import (
     parse_arguments,
     read_manifest,
     resolve,
-    run_main,
 )
 
 FONT_DIRS = [Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu")]
