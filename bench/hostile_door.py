@@ -23,7 +23,7 @@ By default a private stack (Kafka, MinIO, API, one worker) is started on free po
 temporary folder through deploy/local/stack.py and stopped at the end; `--running` uses the
 stack `make up` started (RETRAIN_* settings), `--api URL --api-pid PID` any other.
 
-    .venv/bin/python bench/hostile_door.py [--jobs 20] [--attackers 5] [--kinds zip_bomb,...]
+    .venv/bin/python bench/hostile_door.py [--jobs 20] [--attackers 5] [--kinds zip_bomb,...] [--logs DIR]
 """
 
 import argparse
