@@ -1,5 +1,7 @@
-"""Shared fixtures: the real local stack (Kafka + MinIO, plus API and worker processes for the
-end-to-end tests) started through deploy/local, and spoken-word data sets made with espeak-ng."""
+"""Shared fixtures: the real local stack (Kafka, MinIO and PostgreSQL, plus API and worker
+processes for the end-to-end tests) started through deploy/local, and spoken-word data sets made
+with espeak-ng. The API's database in these tests is PostgreSQL, the production one; SQLite (the
+embedded default) is what the unit tests and a few fault tests use."""
 
 import io
 import tarfile
@@ -21,18 +23,19 @@ WORDS = DEFAULT_WORDS[:4]
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory):
-    """Kafka and MinIO for the whole session, on free ports in a temporary run dir."""
+    """Kafka, MinIO and PostgreSQL for the whole session, on free ports in a temporary run dir."""
     run_dir = tmp_path_factory.mktemp("stack")
     s = Stack(
         run_dir,
         api_port=free_port(), kafka_port=free_port(), kafka_controller_port=free_port(),
-        minio_port=free_port(), minio_console_port=free_port(),
+        minio_port=free_port(), minio_console_port=free_port(), postgres_port=free_port(), database="postgres",
         # A dead worker's job moves to another one within seconds, not the default 45 s.
         extra_env={"RETRAIN_KAFKA_SESSION_TIMEOUT_MS": "6000"},
     )
-    s.up(["kafka", "minio"])
+    s.up(["kafka", "minio", "postgres"])
     yield s
     s.down()
+    s.purge_postgres()
 
 
 @pytest.fixture(scope="session")
@@ -94,13 +97,31 @@ def isolated(settings: Settings, tmp_path_factory, name: str, **update) -> Setti
     test module sees exactly what it left (and nothing another module did)."""
     suffix = f"{name}-{uuid.uuid4().hex[:8]}"
     return settings.model_copy(update={
-        "database_url": f"sqlite:///{tmp_path_factory.mktemp('db')}/api.db",
+        "database_url": fresh_database(settings, tmp_path_factory.mktemp("db"), suffix),
         "s3_bucket": suffix,
         "topic_jobs": f"{suffix}.jobs", "topic_events": f"{suffix}.events",
         "topic_control": f"{suffix}.control", "topic_dlq": f"{suffix}.dlq",
         "api_events_group": suffix, "worker_group": f"{suffix}-workers",
         **update,
     })
+
+
+def fresh_database(settings: Settings, folder: Path, name: str | None = None) -> str:
+    """The URL of a new, empty database on the same server as `settings`' (PostgreSQL: a
+    database of its own on that server; SQLite: a file in `folder`)."""
+    import sqlalchemy as sa
+
+    name = (name or uuid.uuid4().hex[:12]).replace("-", "_").lower()
+    url = sa.engine.make_url(settings.database_url)
+    if url.get_backend_name() != "postgresql":
+        return f"sqlite:///{folder / name}.db"
+    engine = sa.create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as connection:
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    finally:
+        engine.dispose()
+    return url.set(database=name).render_as_string(hide_password=False)
 
 
 @contextmanager

@@ -1,7 +1,10 @@
-"""The local stack: Kafka (KRaft), MinIO, the API and workers as plain background processes.
+"""The local stack: Kafka (KRaft), MinIO, optionally PostgreSQL, the API and workers as plain
+background processes.
 
-No Docker: Kafka runs from the Maven Central jars and MinIO from the binary that
-`deploy/local/install.sh` puts under ~/.cache/retrain. Every process is started in its
+No Docker: Kafka runs from the Maven Central jars, MinIO from the binary that
+`deploy/local/install.sh` puts under ~/.cache/retrain, PostgreSQL from Debian's
+postgresql-15 binaries. The API's database is SQLite (embedded, the default) or, with
+`database="postgres"` (RETRAIN_STACK_DATABASE=postgres), a PostgreSQL server of the stack's own. Every process is started in its
 own session, so its PID is also its process-group id and stopping it stops whatever it
 spawned (a worker's trainer subprocess included).
 
@@ -11,7 +14,11 @@ Layout under the run dir (default `.run/` in the repo root):
     <name>.log           its stdout + stderr, appended across restarts
     data/<name>/         its data; survives `down`/`up`
     work/                the workers' shared workdir (a replacement worker resumes checkpoints)
-    retrain.db           the API's SQLite database
+    retrain.db           the API's SQLite database (database="sqlite")
+
+PostgreSQL refuses to run as root: started by root it runs as the `postgres` user, its data
+outside the run dir (which may not be reachable for that user) in
+$TMPDIR/retrain-postgres-<hash of the run dir>/, removed by `purge_postgres()`.
 
 Library use (tests):
 
@@ -35,11 +42,14 @@ import argparse
 import base64
 import contextlib
 import fcntl
+import hashlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -52,8 +62,12 @@ KAFKA_VERSION = "3.9.1"  # keep in step with deploy/local/install.sh and kafka-p
 CACHE = Path(os.environ.get("RETRAIN_CACHE", Path.home() / ".cache" / "retrain"))
 
 # Start order; `down` uses the reverse. Extra workers ("worker-2", ...) come after "worker".
-ORDER = ("kafka", "minio", "api", "worker")
-DEFAULT_SERVICES = ORDER
+# "postgres" is started by default only by a stack whose database is PostgreSQL.
+ORDER = ("kafka", "minio", "postgres", "api", "worker")
+POSTGRES_BIN = Path(os.environ.get("RETRAIN_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
+POSTGRES_USER = "retrain"  # the server's superuser, trusted on its loopback address only
+# How each service is asked to stop: PostgreSQL's SIGTERM waits for every client to leave.
+STOP_SIGNALS = {"postgres": signal.SIGINT}
 
 
 class StackError(RuntimeError):
@@ -141,6 +155,8 @@ class Stack:
         kafka_controller_port: int = 9093,
         minio_port: int = 9000,
         minio_console_port: int = 9001,
+        postgres_port: int = 5432,
+        database: str = "sqlite",
         s3_access_key: str = "retrain",
         s3_secret_key: str = "retrain-secret",
         s3_bucket: str | None = None,
@@ -162,6 +178,10 @@ class Stack:
         self.kafka_controller_port = kafka_controller_port
         self.minio_port = minio_port
         self.minio_console_port = minio_console_port
+        self.postgres_port = postgres_port
+        if database not in ("sqlite", "postgres"):
+            raise ValueError(f"database must be 'sqlite' or 'postgres', not {database!r}")
+        self.database = database
         self.s3_access_key = s3_access_key
         self.s3_secret_key = s3_secret_key
         self.s3_bucket = s3_bucket
@@ -190,7 +210,8 @@ class Stack:
         (first host:port), RETRAIN_KAFKA_CONTROLLER_PORT, RETRAIN_S3_ENDPOINT,
         RETRAIN_MINIO_CONSOLE_PORT, RETRAIN_S3_ACCESS_KEY/SECRET_KEY/BUCKET,
         RETRAIN_DATABASE_URL, RETRAIN_TRAINER_PYTHON, RETRAIN_WORKDIR (relative paths are
-        taken from the repo root, where the services run).
+        taken from the repo root, where the services run), RETRAIN_STACK_DATABASE (sqlite or
+        postgres) and RETRAIN_POSTGRES_PORT.
         """
         e = os.environ
         kw: dict = {}
@@ -215,6 +236,10 @@ class Stack:
                 kw[arg] = e[key]
         if e.get("RETRAIN_WORKDIR"):
             kw["workdir"] = REPO_ROOT / e["RETRAIN_WORKDIR"]
+        if e.get("RETRAIN_STACK_DATABASE"):
+            kw["database"] = e["RETRAIN_STACK_DATABASE"]
+        if e.get("RETRAIN_POSTGRES_PORT"):
+            kw["postgres_port"] = int(e["RETRAIN_POSTGRES_PORT"])
         kw.update(overrides)
         return cls(run_dir or e.get("RETRAIN_RUN_DIR") or None, **kw)
 
@@ -242,7 +267,18 @@ class Stack:
 
     @property
     def database_url(self) -> str:
-        return self._database_url or f"sqlite:///{self.run_dir / 'retrain.db'}"
+        if self._database_url:
+            return self._database_url
+        if self.database == "postgres":
+            return self.postgres_url("retrain")
+        return f"sqlite:///{self.run_dir / 'retrain.db'}"
+
+    def postgres_url(self, database: str) -> str:
+        return f"postgresql+psycopg://{POSTGRES_USER}@{self.host}:{self.postgres_port}/{database}"
+
+    @property
+    def default_services(self) -> tuple[str, ...]:
+        return tuple(n for n in ORDER if n != "postgres" or self.database == "postgres")
 
     @property
     def workdir(self) -> Path:
@@ -257,6 +293,7 @@ class Stack:
             "kafka": self.kafka_bootstrap,
             "minio": self.minio_url,
             "minio-console": f"http://{self.host}:{self.minio_console_port}",
+            **({"postgres": f"{self.host}:{self.postgres_port}"} if self.database == "postgres" else {}),
         }
 
     def env(self) -> dict[str, str]:
@@ -288,6 +325,9 @@ class Stack:
         return self.run_dir / f"{name}.log"
 
     def data_dir(self, name: str) -> Path:
+        if name == "postgres" and os.geteuid() == 0:  # see the module's docstring
+            digest = hashlib.sha256(str(self.run_dir).encode()).hexdigest()[:12]
+            return Path(tempfile.gettempdir()) / f"retrain-postgres-{digest}"
         return self.run_dir / "data" / name
 
     def pid(self, name: str) -> int | None:
@@ -324,19 +364,19 @@ class Stack:
 
     @staticmethod
     def _kind(name: str) -> str:
-        if name in ("kafka", "minio", "api", "worker"):
+        if name in ORDER:
             return name
         if name.startswith("worker-") and name[len("worker-"):]:
             return "worker"
-        raise ValueError(f"unknown service {name!r} (kafka, minio, api, worker, worker-<n>)")
+        raise ValueError(f"unknown service {name!r} (kafka, minio, postgres, api, worker, worker-<n>)")
 
     def _signature(self, name: str) -> str:
         # A substring of the command line that identifies the service's process.
-        return {"kafka": "kafka.Kafka", "minio": "minio", "api": "uvicorn",
+        return {"kafka": "kafka.Kafka", "minio": "minio", "postgres": "postgres", "api": "uvicorn",
                 "worker": "-m worker"}[self._kind(name)]
 
     def _ordered(self, names) -> list[str]:
-        names = list(DEFAULT_SERVICES if names is None else ([names] if isinstance(names, str) else names))
+        names = list(self.default_services if names is None else ([names] if isinstance(names, str) else names))
         for n in names:
             self._kind(n)  # validate early, before starting anything
 
@@ -377,7 +417,7 @@ class Stack:
             print(f"[stack] {name}: ready in {time.monotonic() - t0:.1f} s "
                   f"(pid {self.pid(name)}, log {self.log_path(name)})", flush=True)
 
-    def _spawn(self, name: str, cmd: list[str], env: dict[str, str], ports: tuple[int, ...]) -> None:
+    def _spawn(self, name: str, cmd: list[str], env: dict[str, str], ports: tuple[int, ...], user: str | None = None) -> None:
         for port in ports:
             # Another program on our port would answer our readiness probe and fool us.
             if not _port_free(self.host, port):
@@ -396,6 +436,7 @@ class Stack:
             # Own session: the pid is the process-group id, killpg reaches its children,
             # and a Ctrl-C in the terminal that ran `make up` does not reach the stack.
             start_new_session=True,
+            user=user,
         )
         log.close()  # the child holds its own copy of the descriptor
         self._procs[name] = proc
@@ -523,6 +564,62 @@ log4j.logger.kafka.log=WARN
                            "--quiet"],
                     env, (self.minio_port, self.minio_console_port))
 
+    # --- postgres
+
+    def _start_postgres(self, name: str) -> None:
+        if not (POSTGRES_BIN / "postgres").is_file():
+            raise StackError(f"postgres: no server binaries in {POSTGRES_BIN}; run deploy/local/install.sh")
+        data = self.data_dir(name)
+        user = "postgres" if os.geteuid() == 0 else None  # the server refuses to run as root
+        if not (data / "PG_VERSION").exists():
+            shutil.rmtree(data, ignore_errors=True)  # a half-made cluster from an interrupted init
+            data.mkdir(mode=0o700, parents=True)
+            if user:
+                shutil.chown(data, user, user)
+            init = subprocess.run(
+                [str(POSTGRES_BIN / "initdb"), "-D", str(data), "-U", POSTGRES_USER, "--auth=trust",
+                 "--encoding=UTF8", "--locale=C.UTF-8"],
+                cwd=tempfile.gettempdir(), user=user, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            )
+            with open(self.log_path(name), "a") as log:
+                log.write(init.stdout)
+            if init.returncode != 0:
+                raise StackError(f"postgres: initdb failed ({init.returncode}):\n{init.stdout[-3000:]}")
+        # Loopback TCP only (no unix socket: its path would have to be writable for that user).
+        self._spawn(name, [str(POSTGRES_BIN / "postgres"), "-D", str(data), "-h", self.host, "-p", str(self.postgres_port),
+                           "-c", "unix_socket_directories=", "-c", "max_connections=200"],
+                    dict(os.environ), (self.postgres_port,), user=user)
+
+    def _postgres_ready(self) -> bool:
+        """The server answers, and the service's database exists (made on the first start)."""
+        if not _tcp_open(self.host, self.postgres_port):
+            return False
+        try:
+            self.create_database("retrain")
+        except StackError:
+            return False
+        return True
+
+    def create_database(self, database: str) -> str:
+        """Makes `database` on the stack's server unless it exists; its SQLAlchemy URL."""
+        psql = [str(POSTGRES_BIN / "psql"), "-h", self.host, "-p", str(self.postgres_port), "-U", POSTGRES_USER,
+                "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-tAc"]
+        try:
+            found = subprocess.run(psql + [f"SELECT 1 FROM pg_database WHERE datname = '{database}'"],
+                                   capture_output=True, text=True, timeout=30)
+            if found.returncode == 0 and found.stdout.strip() != "1":
+                found = subprocess.run(psql + [f'CREATE DATABASE "{database}"'], capture_output=True, text=True, timeout=30)
+        except subprocess.TimeoutExpired as err:
+            raise StackError(f"postgres: {err}") from None
+        if found.returncode != 0:
+            raise StackError(f"postgres: {found.stderr.strip()}")
+        return self.postgres_url(database)
+
+    def purge_postgres(self) -> None:
+        """Remove the server's data (it must be stopped): what a test stack does at its end."""
+        shutil.rmtree(self.data_dir("postgres"), ignore_errors=True)
+
     # --- api and workers
 
     @property
@@ -559,6 +656,7 @@ log4j.logger.kafka.log=WARN
         probe = {
             "kafka": self._kafka_ready,
             "minio": lambda: _http_ok(f"{self.minio_url}/minio/health/ready"),
+            "postgres": self._postgres_ready,
             "api": lambda: _http_ok(f"{self.api_url}/healthz"),
             "worker": lambda: _http_ok(self.metrics_url(name)),
         }[kind]
@@ -611,7 +709,7 @@ log4j.logger.kafka.log=WARN
         if pid is not None:
             started = _start_time(pid)
             t0 = time.monotonic()
-            self.kill(name, signal.SIGTERM)
+            self.kill(name, STOP_SIGNALS.get(self._kind(name), signal.SIGTERM))
             if not self._wait_gone(name, pid, timeout):
                 print(f"[stack] {name}: still running after {timeout:.0f} s, SIGKILL", flush=True)
                 self.kill(name, signal.SIGKILL)
@@ -651,7 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="stack.py", description="Start/stop the local retrain stack (Kafka, MinIO, API, workers).")
     ap.add_argument("command", choices=["up", "down", "status", "env"])
     ap.add_argument("names", nargs="*",
-                    help="services: kafka minio api worker worker-<n> (default: all)")
+                    help="services: kafka minio postgres api worker worker-<n> (default: all; postgres with RETRAIN_STACK_DATABASE=postgres)")
     ap.add_argument("--run-dir", help="default: $RETRAIN_RUN_DIR or .run in the repo root")
     ap.add_argument("--timeout", type=float, default=60.0, help="readiness timeout per service, s")
     args = ap.parse_args(argv)

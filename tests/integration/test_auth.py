@@ -2,11 +2,12 @@
 a role that does not allow the call a 403; an admin makes, lists and revokes keys over HTTP; keys
 are stored only as hashes; who submitted, cancelled, moved an alias and downloaded is audited."""
 
+import hashlib
 import json
-import os
 from datetime import UTC, datetime, timedelta
 
 import pytest
+import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
 from tests.conftest import in_process_api, isolated
@@ -74,9 +75,12 @@ def test_keys_are_shown_once_stored_hashed_listed_and_revoked(admin, app_setting
     assert created["key"].startswith(f"rtk_{created['id']}_") and created["tenant"] == "acme"
     listed = {k["id"]: k for k in admin.get("/v1/admin/keys", params={"tenant": "acme"}).json()}
     assert created["id"] in listed and "key" not in listed[created["id"]] and "secret_hash" not in listed[created["id"]]
-    database = app_settings.database_url.removeprefix("sqlite:///")
-    stored = b"".join(open(path, "rb").read() for path in (database, database + "-wal") if os.path.exists(path))
-    assert created["key"].split("_")[2].encode() not in stored  # only the hash is kept
+    engine = sa.create_engine(app_settings.database_url)
+    with engine.connect() as connection:
+        stored = repr(connection.execute(sa.text("SELECT * FROM api_keys")).all())
+    engine.dispose()
+    secret = created["key"].split("_", 2)[2]  # rtk_<id>_<secret>
+    assert secret not in stored and hashlib.sha256(secret.encode()).hexdigest() in stored  # only the hash is kept
     client = as_key(admin, created["key"])
     assert client.get("/v1/jobs").status_code == 200
     assert admin.delete(f"/v1/admin/keys/{created['id']}").status_code == 204

@@ -12,6 +12,7 @@ from api.db import Database, Job
 from api.job_events import JobEventsConsumer
 from jobs.events import EventType, JobEvent
 from jobs.kafka import ensure_topics
+from tests.conftest import fresh_database
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ def test_bad_events_are_dead_lettered_and_the_consumer_lives_on(settings, tmp_pa
         "topic_control": f"ev-{suffix}.control", "topic_dlq": f"ev-{suffix}.dlq", "api_events_group": f"ev-{suffix}",
     })
     ensure_topics(s)
-    db = Database(f"sqlite:///{tmp_path}/api.db")
+    db = Database(fresh_database(settings, tmp_path))
     with db.sessions() as session:
         session.add(Job(id="j1", task="audio_classification", model_name="m", spec={}, inputs={}, metrics={}))
         session.commit()

@@ -69,15 +69,40 @@ def test_env_points_at_the_stack(stack):
     assert env["RETRAIN_KAFKA_BOOTSTRAP"] == f"127.0.0.1:{stack.kafka_port}"
     assert env["RETRAIN_S3_ENDPOINT"] == f"127.0.0.1:{stack.minio_port}"
     assert env["RETRAIN_API_PORT"] == str(stack.api_port)
-    assert env["RETRAIN_DATABASE_URL"] == f"sqlite:///{stack.run_dir}/retrain.db"
+    assert env["RETRAIN_DATABASE_URL"] == f"sqlite:///{stack.run_dir}/retrain.db"  # the embedded default
     assert env["RETRAIN_WORKDIR"] == str(stack.run_dir / "work")
     assert env["RETRAIN_TRAINER_PYTHON"].endswith(".venv-trainer/bin/python")
     assert stack.api_url == f"http://127.0.0.1:{stack.api_port}"
 
 
+def test_a_postgres_stack_runs_its_own_server_and_keeps_its_data(tmp_path):
+    import sqlalchemy as sa
+
+    pg = Stack(tmp_path / "pg-run", postgres_port=free_port(), database="postgres")
+    assert pg.env()["RETRAIN_DATABASE_URL"] == f"postgresql+psycopg://retrain@127.0.0.1:{pg.postgres_port}/retrain"
+    try:
+        pg.up(["postgres"])
+        engine = sa.create_engine(pg.database_url)
+        with engine.begin() as connection:
+            connection.exec_driver_sql("CREATE TABLE kept (v text)")
+            connection.exec_driver_sql("INSERT INTO kept VALUES ('still here')")
+        engine.dispose()
+        pg.down(["postgres"])
+        assert not pg.is_running("postgres")
+        pg.up(["postgres"])  # the same cluster again: data survives down/up
+        engine = sa.create_engine(pg.database_url)
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("SELECT v FROM kept").scalar() == "still here"
+        engine.dispose()
+    finally:
+        pg.down()
+        pg.purge_postgres()
+    assert not pg.data_dir("postgres").exists()
+
+
 def test_unknown_service_is_refused(stack):
     with pytest.raises(ValueError):
-        stack.up(["postgres"])
+        stack.up(["redis"])
 
 
 def test_up_produce_consume_put_get_down_up(stack):
