@@ -61,7 +61,9 @@ class JobEventRecord(Base):
 
 class OutboxMessage(Base):
     """A Kafka message written in the same transaction as the job it belongs to; the relay
-    publishes it and deletes it only once the broker acknowledged it."""
+    publishes it and deletes it only once the broker acknowledged it. With several API replicas
+    on one database, the relay of one replica claims a row (`claimed_by`, until `claimed_until`)
+    before producing it, so the others leave it alone while that replica lives."""
 
     __tablename__ = "outbox"
 
@@ -70,6 +72,8 @@ class OutboxMessage(Base):
     key: Mapped[str] = mapped_column(String(255))
     value: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class OutboxDead(Base):

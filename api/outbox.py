@@ -11,6 +11,11 @@ One row never holds up the others:
   backoff: a row waiting for its acknowledgement is never produced a second time, and each
   acknowledged row is deleted as soon as its acknowledgement arrives, so an outage ends without
   a flood of duplicates;
+- several API replicas on one database share the work: a relay claims the rows it produces
+  (`SELECT ... FOR UPDATE SKIP LOCKED` on PostgreSQL, then `claimed_by`/`claimed_until`), and
+  the others skip rows claimed by a live replica; a replica that dies leaves its claims to expire
+  after `outbox_claim_s`, then another one produces them (at least once: a row acknowledged but
+  not yet deleted when its replica died is sent again, and the worker ignores a job it has);
 - the thread never dies: every error is logged and retried after a backoff (doubling up to
   `outbox_retry_max_s`); `/readyz` reports it if it does all the same.
 """
@@ -18,9 +23,11 @@ One row never holds up the others:
 import logging
 import threading
 import time
+import uuid
+from datetime import timedelta
 
 from confluent_kafka import KafkaError, KafkaException
-from sqlalchemy import delete, select
+from sqlalchemy import delete, or_, select, update
 
 from api.db import Database, OutboxDead, OutboxMessage
 from jobs.events import utcnow
@@ -60,6 +67,7 @@ class OutboxRelay(threading.Thread):
         self.set_aside_after = 0.0  # monotonic time of the next try after set_aside failed
         self.fatal: KafkaError | None = None  # the producer is unusable: make a new one
         self.max_in_flight = 10 * settings.outbox_batch_size
+        self.instance = uuid.uuid4().hex  # this relay, in the rows it claims
 
     # ---- the thread ---------------------------------------------------------------------------
 
@@ -118,18 +126,7 @@ class OutboxRelay(threading.Thread):
         room = min(self.max_in_flight - len(self.in_flight), self.settings.outbox_batch_size)
         if room <= 0:
             return 0
-        now = time.monotonic()
-        skip = len(self.in_flight) + len(self.refused) + len(self.waiting)
-        with self.db.sessions() as session:
-            ids = session.scalars(select(OutboxMessage.id).order_by(OutboxMessage.id).limit(room + skip)).all()
-            ids = [rid for rid in ids if rid not in self.in_flight and rid not in self.refused
-                   and self.waiting.get(rid, (0.0, 0))[0] <= now][:room]
-            if not ids:
-                return 0
-            rows = session.execute(
-                select(OutboxMessage.id, OutboxMessage.topic, OutboxMessage.key, OutboxMessage.value)
-                .where(OutboxMessage.id.in_(ids)).order_by(OutboxMessage.id)
-            ).all()
+        rows = self.claim(room)
         produced = 0
         for rid, topic, key, value in rows:
             try:
@@ -160,6 +157,33 @@ class OutboxRelay(threading.Thread):
         return delivered
 
     # ---- the database side --------------------------------------------------------------------
+
+    def claim(self, room: int) -> list:
+        """Up to `room` of the oldest rows that are due: not in flight here, not refused, past
+        their backoff, and claimed by no other live relay; claimed for this one in the same
+        transaction (rows another replica is claiming right now are skipped, not waited for)."""
+        now, wall = time.monotonic(), utcnow()
+        skip = len(self.in_flight) + len(self.refused) + len(self.waiting)
+        with self.db.sessions() as session:
+            free = or_(OutboxMessage.claimed_by.is_(None), OutboxMessage.claimed_by == self.instance,
+                       OutboxMessage.claimed_until < wall)
+            ids = session.scalars(
+                select(OutboxMessage.id).where(free).order_by(OutboxMessage.id).limit(room + skip)
+                .with_for_update(skip_locked=True)
+            ).all()
+            ids = [rid for rid in ids if rid not in self.in_flight and rid not in self.refused
+                   and self.waiting.get(rid, (0.0, 0))[0] <= now][:room]
+            if not ids:
+                session.rollback()
+                return []
+            session.execute(update(OutboxMessage).where(OutboxMessage.id.in_(ids)).values(
+                claimed_by=self.instance, claimed_until=wall + timedelta(seconds=self.settings.outbox_claim_s)))
+            rows = session.execute(
+                select(OutboxMessage.id, OutboxMessage.topic, OutboxMessage.key, OutboxMessage.value)
+                .where(OutboxMessage.id.in_(ids)).order_by(OutboxMessage.id)
+            ).all()
+            session.commit()
+        return rows
 
     def settle(self) -> None:
         """Delete the acknowledged rows at once; schedule the transient failures' retries (each

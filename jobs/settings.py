@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     # it also retries creating the bucket and the topics at startup with this backoff.
     outbox_batch_size: int = 200
     outbox_retry_max_s: float = 30.0
+    # With several API replicas on one database: how long a replica's claim on the outbox rows it
+    # produces keeps the others off them (s). A dead replica's rows flow again after this long;
+    # keep it over librdkafka's message.timeout.ms (300 s), the longest a produce waits for its answer.
+    outbox_claim_s: float = 330.0
 
     # ---- Bounds on what a trainer emits, and the sandbox ---------------------------------------
     # A trainer is outside code (bring-your-own images): everything it prints or writes is
