@@ -40,7 +40,9 @@ def apply_event(session: Session, event: JobEvent) -> Job | None:
     """Fold one event into its job's row and commit; returns the row when the event changed it.
     Raises ValidationError when the event's data is not what its type promises (nothing is
     changed then)."""
-    job = session.scalar(select(Job).where(Job.id == event.job_id))
+    # The row locked (PostgreSQL; SQLite writes one at a time anyway): two API replicas applying
+    # the same event during a rebalance apply it one after the other, and the second changes nothing.
+    job = session.scalar(select(Job).where(Job.id == event.job_id).with_for_update())
     if job is None:
         return None
     state = transition(job.state, event.type)

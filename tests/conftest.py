@@ -30,7 +30,8 @@ def stack(tmp_path_factory):
         api_port=free_port(), kafka_port=free_port(), kafka_controller_port=free_port(),
         minio_port=free_port(), minio_console_port=free_port(), postgres_port=free_port(), database="postgres",
         # A dead worker's job moves to another one within seconds, not the default 45 s.
-        extra_env={"RETRAIN_KAFKA_SESSION_TIMEOUT_MS": "6000"},
+        # A dead API replica's outbox claims pass to the other within seconds, not 330 s.
+        extra_env={"RETRAIN_KAFKA_SESSION_TIMEOUT_MS": "6000", "RETRAIN_OUTBOX_CLAIM_S": "15"},
     )
     s.up(["kafka", "minio", "postgres"])
     yield s

@@ -19,7 +19,9 @@ set -euo pipefail
 # Versions are pinned here and in deploy/local/stack.py (which reads the same paths).
 KAFKA_VERSION=3.9.1
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
-APT_PACKAGES=(espeak-ng flite sox libsox-fmt-all ffmpeg libsndfile1 docker.io debootstrap chromium)
+# postgresql-15: the server the stack and the tests run (not as a system service); nginx: the
+# reverse proxy in front of several API replicas (tests/e2e/test_replicas.py).
+APT_PACKAGES=(espeak-ng flite sox libsox-fmt-all ffmpeg libsndfile1 docker.io debootstrap chromium postgresql-15 nginx)
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"
@@ -52,7 +54,16 @@ if [[ "${RETRAIN_SKIP_APT:-0}" != 1 ]]; then
         SUDO=""; [[ $(id -u) != 0 ]] && SUDO="sudo"
         # Only refresh the package lists when something is actually missing: it is slow.
         $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+        # Packages with a daemon (nginx, postgresql) must not start one as a system service: the
+        # stack starts its own on free ports. policy-rc.d answering 101 tells invoke-rc.d "no".
+        made_policy=0
+        if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+            printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+            $SUDO chmod +x /usr/sbin/policy-rc.d
+            made_policy=1
+        fi
         $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+        if ((made_policy)); then $SUDO rm -f /usr/sbin/policy-rc.d; fi
     else
         log "apt: all present (${APT_PACKAGES[*]})"
     fi

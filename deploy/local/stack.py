@@ -61,7 +61,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 KAFKA_VERSION = "3.9.1"  # keep in step with deploy/local/install.sh and kafka-pom.xml
 CACHE = Path(os.environ.get("RETRAIN_CACHE", Path.home() / ".cache" / "retrain"))
 
-# Start order; `down` uses the reverse. Extra workers ("worker-2", ...) come after "worker".
+# Start order; `down` uses the reverse. Extra workers ("worker-2", ...) come after "worker",
+# extra API replicas ("api-2", ..., each on a free port of its own) after "api".
 # "postgres" is started by default only by a stack whose database is PostgreSQL.
 ORDER = ("kafka", "minio", "postgres", "api", "worker")
 POSTGRES_BIN = Path(os.environ.get("RETRAIN_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
@@ -358,7 +359,7 @@ class Stack:
 
     def status(self) -> dict[str, int | None]:
         names = list(ORDER) + sorted(
-            p.stem for p in self.run_dir.glob("worker-*.pid") if p.stem not in ORDER
+            p.stem for pattern in ("api-*.pid", "worker-*.pid") for p in self.run_dir.glob(pattern) if p.stem not in ORDER
         )
         return {n: self.pid(n) for n in names}
 
@@ -366,8 +367,9 @@ class Stack:
     def _kind(name: str) -> str:
         if name in ORDER:
             return name
-        if name.startswith("worker-") and name[len("worker-"):]:
-            return "worker"
+        for kind in ("api", "worker"):
+            if name.startswith(f"{kind}-") and name[len(kind) + 1:]:
+                return kind
         raise ValueError(f"unknown service {name!r} (kafka, minio, postgres, api, worker, worker-<n>)")
 
     def _signature(self, name: str) -> str:
@@ -382,7 +384,7 @@ class Stack:
 
         def key(n: str):
             kind = self._kind(n)
-            return (ORDER.index(kind), n != "worker", n)
+            return (ORDER.index(kind), n != kind, n)
 
         return sorted(dict.fromkeys(names), key=key)
 
@@ -630,14 +632,23 @@ log4j.logger.kafka.log=WARN
         """The local stack's admin API key (made when the API starts; mode 600)."""
         return self.admin_key_path.read_text().strip()
 
+    def api_url_of(self, name: str = "api") -> str:
+        """The URL of the API replica `name` ("api" on api_port; "api-2", ... on their own ports)."""
+        if name == "api":
+            return self.api_url
+        return f"http://{self.host}:{int((self.run_dir / f'{name}.port').read_text())}"
+
     def _start_api(self, name: str) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Auth is on everywhere: the local stack's admin key, valid for its database, in admin.key.
         subprocess.run([self.python, "-m", "api.admin", "local-key", str(self.admin_key_path)], cwd=self.root,
                        env=self._service_env(), check=True, stdout=subprocess.DEVNULL, timeout=120)
-        self._spawn(name, [self.python, "-m", "uvicorn", "api.main:app",
-                           "--host", self.host, "--port", str(self.api_port)],
-                    self._service_env(), (self.api_port,))
+        port = self.api_port
+        if name != "api":  # another replica on the same database, Kafka and store
+            port = free_port()
+            (self.run_dir / f"{name}.port").write_text(str(port))
+        self._spawn(name, [self.python, "-m", "uvicorn", "api.main:app", "--host", self.host, "--port", str(port)],
+                    self._service_env(), (port,))
 
     def _start_worker(self, name: str) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -657,7 +668,7 @@ log4j.logger.kafka.log=WARN
             "kafka": self._kafka_ready,
             "minio": lambda: _http_ok(f"{self.minio_url}/minio/health/ready"),
             "postgres": self._postgres_ready,
-            "api": lambda: _http_ok(f"{self.api_url}/healthz"),
+            "api": lambda: _http_ok(f"{self.api_url_of(name)}/healthz"),
             "worker": lambda: _http_ok(self.metrics_url(name)),
         }[kind]
         # A worker has no endpoint: alive after a short grace (imports done, settings
