@@ -151,7 +151,9 @@ class ModelStore:
             response.close()
             response.release_conn()
 
-    def presigned_url(self, key: str, expires: timedelta = timedelta(hours=1)) -> str:
+    def presigned_url(self, key: str, expires: timedelta = timedelta(minutes=5)) -> str:
+        """A download URL signed with this service's MinIO user. Short-lived: it is handed out as
+        a redirect (`?redirect=true`) that the client follows at once, to the owning tenant only."""
         return self.client.presigned_get_object(self.bucket, key, expires=expires)
 
     def list_keys(self, prefix: str) -> list[str]:

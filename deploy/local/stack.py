@@ -43,6 +43,7 @@ import base64
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import os
 import shutil
 import signal
@@ -67,6 +68,12 @@ CACHE = Path(os.environ.get("RETRAIN_CACHE", Path.home() / ".cache" / "retrain")
 ORDER = ("kafka", "minio", "postgres", "api", "worker")
 POSTGRES_BIN = Path(os.environ.get("RETRAIN_POSTGRES_BIN", "/usr/lib/postgresql/15/bin"))
 POSTGRES_USER = "retrain"  # the server's superuser, trusted on its loopback address only
+# What the API's and the workers' MinIO users may do: objects of their bucket, nothing else (no
+# other bucket, no bucket creation or policy, no admin). The stack makes the bucket as root.
+SERVICE_POLICY_ACTIONS = {
+    "bucket": ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"],
+    "objects": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"],
+}
 # How each service is asked to stop: PostgreSQL's SIGTERM waits for every client to leave.
 STOP_SIGNALS = {"postgres": signal.SIGINT}
 
@@ -444,11 +451,39 @@ class Stack:
         self._procs[name] = proc
         self.pid_path(name).write_text(f"{proc.pid} {_start_time(proc.pid) or ''}\n")
 
-    def _service_env(self) -> dict[str, str]:
+    def _service_env(self, kind: str | None = None) -> dict[str, str]:
+        """The environment of a service process; the API and the workers get MinIO users of their own."""
         env = dict(os.environ)
         env.update(self.env())
         env["PYTHONUNBUFFERED"] = "1"  # log lines reach the log file as they happen
+        if kind in ("api", "worker"):
+            env["RETRAIN_S3_ACCESS_KEY"], env["RETRAIN_S3_SECRET_KEY"] = self.minio_service_user(kind)
         return env
+
+    def minio_service_user(self, kind: str) -> tuple[str, str]:
+        """The MinIO user (access key, secret key) that the API or the workers of this stack use:
+        made, with a policy limited to the bucket's objects, with the root credentials, which only
+        the stack and MinIO hold. Idempotent; the secret is derived from the root secret, so every
+        Stack of this MinIO gives the same one. The bucket is made here too (the users may not)."""
+        from minio import Minio
+        from minio.credentials import StaticProvider
+        from minio.minioadmin import MinioAdmin
+
+        bucket = self.env().get("RETRAIN_S3_BUCKET", "retrain")
+        user = f"{bucket}-{kind}"
+        secret = hmac.new(self.s3_secret_key.encode(), user.encode(), "sha256").hexdigest()[:40]
+        root = Minio(self.s3_endpoint, access_key=self.s3_access_key, secret_key=self.s3_secret_key, secure=False)
+        if not root.bucket_exists(bucket):
+            root.make_bucket(bucket)
+        admin = MinioAdmin(endpoint=self.s3_endpoint, credentials=StaticProvider(self.s3_access_key, self.s3_secret_key), secure=False)
+        admin.policy_add(user, policy={"Version": "2012-10-17", "Statement": [
+            {"Effect": "Allow", "Action": SERVICE_POLICY_ACTIONS["bucket"], "Resource": [f"arn:aws:s3:::{bucket}"]},
+            {"Effect": "Allow", "Action": SERVICE_POLICY_ACTIONS["objects"], "Resource": [f"arn:aws:s3:::{bucket}/*"]},
+        ]})
+        admin.user_add(user, secret)
+        if user not in admin.user_info(user):  # "policyName" names the attached policy
+            admin.attach_policy([user], user=user)
+        return user, secret
 
     # --- kafka
 
@@ -642,13 +677,13 @@ log4j.logger.kafka.log=WARN
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Auth is on everywhere: the local stack's admin key, valid for its database, in admin.key.
         subprocess.run([self.python, "-m", "api.admin", "local-key", str(self.admin_key_path)], cwd=self.root,
-                       env=self._service_env(), check=True, stdout=subprocess.DEVNULL, timeout=120)
+                       env=self._service_env("api"), check=True, stdout=subprocess.DEVNULL, timeout=120)
         port = self.api_port
         if name != "api":  # another replica on the same database, Kafka and store
             port = free_port()
             (self.run_dir / f"{name}.port").write_text(str(port))
         self._spawn(name, [self.python, "-m", "uvicorn", "api.main:app", "--host", self.host, "--port", str(port)],
-                    self._service_env(), (port,))
+                    self._service_env("api"), (port,))
 
     def _start_worker(self, name: str) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -656,7 +691,7 @@ log4j.logger.kafka.log=WARN
         worker_id = self.extra_env.get("RETRAIN_WORKER_ID", f"{socket.gethostname()}-{name}")
         port = free_port()
         (self.run_dir / f"{name}.metrics-port").write_text(str(port))
-        env = {**self._service_env(), "RETRAIN_WORKER_ID": worker_id,
+        env = {**self._service_env("worker"), "RETRAIN_WORKER_ID": worker_id,
                "RETRAIN_WORKER_METRICS_PORT": str(port), "RETRAIN_WORKER_METRICS_HOST": self.host}
         self._spawn(name, [self.python, "-m", "worker"], env, (port,))
 
