@@ -157,15 +157,8 @@ def served_api(app_settings: Settings):
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{base}/readyz", timeout=10).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_until(ready, 60, "the API to be ready")
+        wait_until(lambda: answers_ok(f"{base}/readyz"), 60, "the API to be ready")
         yield base
     finally:
         server.should_exit = True
@@ -203,6 +196,14 @@ def wait_for(client: httpx.Client, job_id: str, states=("succeeded", "failed", "
             return job
         time.sleep(0.5)
     raise AssertionError(f"job {job_id} did not reach {states} in {timeout} s; last: {job}")
+
+
+def answers_ok(url: str) -> bool:
+    """True when a GET of `url` answers 200 (nothing listening, or an error, is False)."""
+    try:
+        return httpx.get(url, timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def wait_until(condition, timeout: float, what: str, interval: float = 0.2) -> None:

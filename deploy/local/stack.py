@@ -4,9 +4,10 @@ background processes.
 No Docker: Kafka runs from the Maven Central jars, MinIO from the binary that
 `deploy/local/install.sh` puts under ~/.cache/retrain, PostgreSQL from Debian's
 postgresql-15 binaries. The API's database is SQLite (embedded, the default) or, with
-`database="postgres"` (RETRAIN_STACK_DATABASE=postgres), a PostgreSQL server of the stack's own. Every process is started in its
-own session, so its PID is also its process-group id and stopping it stops whatever it
-spawned (a worker's trainer subprocess included).
+`database="postgres"` (RETRAIN_STACK_DATABASE=postgres), a PostgreSQL server of the stack's
+own. The API and the workers reach MinIO as users of their own (`minio_service_user`), not as
+root. Every process is started in its own session, so its PID is also its process-group id
+and stopping it stops whatever it spawned (a worker's trainer subprocess included).
 
 Layout under the run dir (default `.run/` in the repo root):
 

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import bearer, wait_until
+from tests.conftest import answers_ok, bearer, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -62,15 +62,8 @@ def proxied(service, tmp_path_factory):
     nginx = subprocess.Popen(["nginx", "-p", str(prefix), "-c", str(conf), "-g", "daemon off;"],
                              stdout=subprocess.DEVNULL, stderr=open(prefix / "stderr.log", "wb"))
     url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{url}/healthz", timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
     try:
-        wait_until(ready, 30, "nginx to answer")
+        wait_until(lambda: answers_ok(f"{url}/healthz"), 30, "nginx to answer")
         yield url
     finally:
         nginx.send_signal(signal.SIGQUIT)

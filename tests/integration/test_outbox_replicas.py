@@ -84,3 +84,21 @@ def test_rows_claimed_by_a_dead_replica_flow_through_another_after_the_claim(set
         survivor.stop()
         survivor.join(timeout=30)
     assert sorted(_read_keys(s, s.topic_control, len(keys))) == sorted(keys)
+
+
+def test_rows_a_stopped_replica_had_claimed_flow_through_another_at_once(settings, tmp_path_factory):
+    s = isolated(settings, tmp_path_factory, "stoppedreplica", outbox_claim_s=300.0)
+    ensure_topics(s)
+    db = Database(s.database_url)
+    keys = _add_rows(db, s.topic_control, 10)
+    stopped = OutboxRelay(db, s)
+    assert len(stopped.claim(10)) == 10
+    stopped.release_claims()  # what a relay does when its API stops
+    survivor = OutboxRelay(Database(s.database_url), s)
+    survivor.start()
+    try:
+        wait_until(lambda: _outbox_rows(db) == 0, 60, "the survivor to send the stopped replica's rows (claims: 300 s)")
+    finally:
+        survivor.stop()
+        survivor.join(timeout=30)
+    assert sorted(_read_keys(s, s.topic_control, len(keys))) == sorted(keys)
