@@ -69,36 +69,31 @@ def test_two_relays_on_one_database_send_each_row_once(settings, tmp_path_factor
     assert sorted(sent) == sorted(keys + more)  # every row, none twice
 
 
-def test_rows_claimed_by_a_dead_replica_flow_through_another_after_the_claim(settings, tmp_path_factory):
-    s = isolated(settings, tmp_path_factory, "deadreplica", outbox_claim_s=3.0)
+def _one_replica_claims_then_another_runs(settings, tmp_path_factory, name: str, claim_s: float, stops: bool) -> None:
+    """Replica A claims 10 of 20 rows and dies (or stops: releases its claims); replica B runs
+    until the outbox is empty; every row reached Kafka."""
+    s = isolated(settings, tmp_path_factory, name, outbox_claim_s=claim_s)
     ensure_topics(s)
     db = Database(s.database_url)
     keys = _add_rows(db, s.topic_control, 20)
-    dead = OutboxRelay(db, s)
-    assert len(dead.claim(10)) == 10  # claimed, then the replica died before producing them
+    first = OutboxRelay(db, s)
+    assert len(first.claim(10)) == 10  # claimed, not produced
+    if stops:
+        first.release_claims()  # what a relay does when its API stops
     survivor = OutboxRelay(Database(s.database_url), s)
     survivor.start()
     try:
-        wait_until(lambda: _outbox_rows(db) == 0, 60, "the survivor to send the dead replica's rows too")
+        wait_until(lambda: _outbox_rows(db) == 0, 60, f"the other replica to send all rows (claims: {claim_s:g} s)")
     finally:
         survivor.stop()
         survivor.join(timeout=30)
     assert sorted(_read_keys(s, s.topic_control, len(keys))) == sorted(keys)
+
+
+def test_rows_claimed_by_a_dead_replica_flow_through_another_after_the_claim(settings, tmp_path_factory):
+    _one_replica_claims_then_another_runs(settings, tmp_path_factory, "deadreplica", claim_s=3.0, stops=False)
 
 
 def test_rows_a_stopped_replica_had_claimed_flow_through_another_at_once(settings, tmp_path_factory):
-    s = isolated(settings, tmp_path_factory, "stoppedreplica", outbox_claim_s=300.0)
-    ensure_topics(s)
-    db = Database(s.database_url)
-    keys = _add_rows(db, s.topic_control, 10)
-    stopped = OutboxRelay(db, s)
-    assert len(stopped.claim(10)) == 10
-    stopped.release_claims()  # what a relay does when its API stops
-    survivor = OutboxRelay(Database(s.database_url), s)
-    survivor.start()
-    try:
-        wait_until(lambda: _outbox_rows(db) == 0, 60, "the survivor to send the stopped replica's rows (claims: 300 s)")
-    finally:
-        survivor.stop()
-        survivor.join(timeout=30)
-    assert sorted(_read_keys(s, s.topic_control, len(keys))) == sorted(keys)
+    # Claims of 300 s: only their release lets the other replica send them within the 60 s waited.
+    _one_replica_claims_then_another_runs(settings, tmp_path_factory, "stoppedreplica", claim_s=300.0, stops=True)
