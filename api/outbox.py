@@ -14,8 +14,9 @@ One row never holds up the others:
 - several API replicas on one database share the work: a relay claims the rows it produces
   (`SELECT ... FOR UPDATE SKIP LOCKED` on PostgreSQL, then `claimed_by`/`claimed_until`), and
   the others skip rows claimed by a live replica; a replica that stops releases its claims, one
-  that dies leaves them to expire after `outbox_claim_s`, then another one produces them (at least once: a row acknowledged but
-  not yet deleted when its replica died is sent again, and the worker ignores a job it has);
+  that dies leaves them to expire after `outbox_claim_s`, then another one produces them (at
+  least once: a row acknowledged but not yet deleted when its replica died is sent again, and
+  the worker ignores a job it has). SQLite serves one API, so there claims are not consulted;
 - the thread never dies: every error is logged and retried after a backoff (doubling up to
   `outbox_retry_max_s`); `/readyz` reports it if it does all the same.
 """
@@ -68,6 +69,8 @@ class OutboxRelay(threading.Thread):
         self.fatal: KafkaError | None = None  # the producer is unusable: make a new one
         self.max_in_flight = 10 * settings.outbox_batch_size
         self.instance = uuid.uuid4().hex  # this relay, in the rows it claims
+        # One API per SQLite file: any claim there is this process's or a dead one's.
+        self.shared = db.engine.dialect.name != "sqlite"
 
     # ---- the thread ---------------------------------------------------------------------------
 
@@ -178,9 +181,7 @@ class OutboxRelay(threading.Thread):
         skip = len(self.in_flight) + len(self.refused) + len(self.waiting)
         with self.db.sessions() as session:
             free = or_(OutboxMessage.claimed_by.is_(None), OutboxMessage.claimed_by == self.instance,
-                       OutboxMessage.claimed_until < wall)
-            if self.db.engine.dialect.name == "sqlite":
-                free = true()  # one API per SQLite file: a claim is this process's, or a dead one's
+                       OutboxMessage.claimed_until < wall) if self.shared else true()
             ids = session.scalars(
                 select(OutboxMessage.id).where(free).order_by(OutboxMessage.id).limit(room + skip)
                 .with_for_update(skip_locked=True)

@@ -676,15 +676,16 @@ log4j.logger.kafka.log=WARN
 
     def _start_api(self, name: str) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        env = self._service_env("api")  # once: it makes the API's MinIO user
         # Auth is on everywhere: the local stack's admin key, valid for its database, in admin.key.
         subprocess.run([self.python, "-m", "api.admin", "local-key", str(self.admin_key_path)], cwd=self.root,
-                       env=self._service_env("api"), check=True, stdout=subprocess.DEVNULL, timeout=120)
+                       env=env, check=True, stdout=subprocess.DEVNULL, timeout=120)
         port = self.api_port
         if name != "api":  # another replica on the same database, Kafka and store
             port = free_port()
             (self.run_dir / f"{name}.port").write_text(str(port))
         self._spawn(name, [self.python, "-m", "uvicorn", "api.main:app", "--host", self.host, "--port", str(port)],
-                    self._service_env("api"), (port,))
+                    env, (port,))
 
     def _start_worker(self, name: str) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .contract import write_failure
 from .data import decode, read_manifest, resolve_clip
 from .errors import TrainerError
 from .progress import log
@@ -82,9 +83,7 @@ def main() -> int:
     except Exception as err:  # noqa: BLE001 - still a reason for the worker
         reason = f"scoring failed: {type(err).__name__}: {err}"
     log(f"FAILED: {reason}")
-    out = Path(os.environ.get("SM_OUTPUT_DIR", "/opt/ml/output"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "failure").write_text(reason + "\n")
+    write_failure(Path(os.environ.get("SM_OUTPUT_DIR", "/opt/ml/output")), reason)
     return 1
 
 
