@@ -19,6 +19,7 @@ Validated keys are cached for `auth_cache_s` so a busy client costs no database 
 request; a revocation takes effect within that time.
 """
 
+import functools
 import hashlib
 import hmac
 import re
@@ -33,6 +34,7 @@ from typing import Annotated, Any
 from fastapi import Depends, HTTPException, Request, status
 from sqlalchemy import select
 from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 
 from api.db import ApiKey, AuditEntry, Database
 
@@ -76,6 +78,9 @@ def _aware(t: datetime | None) -> datetime | None:
     return t.replace(tzinfo=UTC) if t is not None and t.tzinfo is None else t
 
 
+NOT_CACHED = object()  # KeyCache.lookup_cached: only the database can tell
+
+
 class KeyCache:
     """Keys seen valid in the last `ttl_s` seconds (id -> (secret hash, caller, expiry, when checked))."""
 
@@ -89,32 +94,50 @@ class KeyCache:
             self.entries.pop(key_id, None)
 
     def lookup(self, db: Database, key: str) -> Caller | None:
+        """The caller a key names, or None; reads the database only when the cache has no fresh entry."""
+        found = self.lookup_cached(key)
+        if found is NOT_CACHED:
+            key_id, secret = KEY_PATTERN.fullmatch(key).groups()
+            found = _verified(secret, self._load(db, key_id))
+        return found
+
+    def lookup_cached(self, key: str) -> "Caller | None | object":
+        """The caller from the cache alone (no database: the event loop may call it). None for a
+        key that is not valid, NOT_CACHED when only the database can tell (`lookup`)."""
         match = KEY_PATTERN.fullmatch(key)
         if match is None:
             return None
         key_id, secret = match.groups()
-        digest = hash_secret(secret)
-        now = time.monotonic()
         with self.lock:
             cached = self.entries.get(key_id)
-        if cached is None or now - cached[3] > self.ttl_s:
-            with db.sessions() as session:
-                row = session.get(ApiKey, key_id)
-            if row is None or row.revoked_at is not None:
-                with self.lock:
-                    self.entries.pop(key_id, None)
-                return None
-            cached = (row.secret_hash, Caller(row.id, row.tenant, Role(row.role)), _aware(row.expires_at), now)
-            with self.lock:
-                if len(self.entries) >= self.size:
-                    self.entries.clear()
-                self.entries[key_id] = cached
-        stored_hash, caller, expires_at, _ = cached
-        if not hmac.compare_digest(stored_hash, digest):
+        if cached is None or time.monotonic() - cached[3] > self.ttl_s:
+            return NOT_CACHED
+        return _verified(secret, cached)
+
+    def _load(self, db: Database, key_id: str) -> tuple | None:
+        with db.sessions() as session:
+            row = session.get(ApiKey, key_id)
+        if row is None or row.revoked_at is not None:
+            self.forget(key_id)
             return None
-        if expires_at is not None and expires_at <= datetime.now(UTC):
-            return None
-        return caller
+        cached = (row.secret_hash, Caller(row.id, row.tenant, Role(row.role)), _aware(row.expires_at), time.monotonic())
+        with self.lock:
+            if len(self.entries) >= self.size:
+                self.entries.clear()
+            self.entries[key_id] = cached
+        return cached
+
+
+def _verified(secret: str, cached: tuple | None) -> Caller | None:
+    """The cached key's caller if `secret` is its secret and it has not expired."""
+    if cached is None:
+        return None
+    stored_hash, caller, expires_at, _ = cached
+    if not hmac.compare_digest(stored_hash, hash_secret(secret)):
+        return None
+    if expires_at is not None and expires_at <= datetime.now(UTC):
+        return None
+    return caller
 
 
 def _unauthorized(message: str) -> HTTPException:
@@ -122,17 +145,22 @@ def _unauthorized(message: str) -> HTTPException:
                          headers={"WWW-Authenticate": "Bearer"})
 
 
+@functools.cache  # one dependency per role, so a router's and a route's are solved once per request
 def require(role: Role):
-    """A dependency: the caller, whose key must allow `role`."""
+    """A dependency: the caller, whose key must allow `role`. On the event loop: a cached key
+    costs no thread-pool hop (on a busy API each hop costs more than the check itself)."""
 
-    def caller(request: Request) -> Caller:
+    async def caller(request: Request) -> Caller:
         header = request.headers.get("authorization", "")
         scheme, _, key = header.partition(" ")
         if not header:
             raise _unauthorized("an API key is needed: send Authorization: Bearer <key>")
         if scheme.lower() != "bearer" or not key.strip():
             raise _unauthorized("send the key as Authorization: Bearer <key>")
-        found = request.app.state.keys.lookup(request.app.state.db, key.strip())
+        keys, key = request.app.state.keys, key.strip()
+        found = keys.lookup_cached(key)
+        if found is NOT_CACHED:
+            found = await run_in_threadpool(keys.lookup, request.app.state.db, key)
         if found is None:
             raise _unauthorized("the API key is not valid (unknown, revoked or expired)")
         if not found.role.allows(role):

@@ -6,10 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import JSON, DateTime, Integer, String, Text, create_engine, event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, Row
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.sql import Executable
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from jobs.events import JobState, utcnow
+
+
+READ_ON_LOOP_TIMEOUT_S = 0.5  # SQLite: how long a read on the event loop waits for a locked file
 
 
 class Base(DeclarativeBase):
@@ -134,10 +139,28 @@ class Database:
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         migrate(self.engine)
+        # Reads that clients poll are answered on the event loop (`read_row`): a thread-pool hop
+        # costs more than the read. PostgreSQL: psycopg's asyncio driver, so the loop never waits
+        # on the network. SQLite: a local file in WAL mode, where a reader does not wait for a
+        # writer; its own engine gives up after READ_ON_LOOP_TIMEOUT_S when the file is locked anyway.
+        if self.engine.dialect.name == "postgresql":
+            self.loop_engine: AsyncEngine | Engine = create_async_engine(self.engine.url)
+        else:
+            self.loop_engine = create_engine(url, connect_args={"timeout": READ_ON_LOOP_TIMEOUT_S} if url.startswith("sqlite") else {})
+            if url.startswith("sqlite"):
+                event.listen(self.loop_engine, "connect", _sqlite_pragmas)
 
     def session(self) -> Iterator[Session]:
         with self.sessions() as session:
             yield session
+
+    async def read_row(self, statement: Executable, params: dict[str, Any]) -> Row | None:
+        """The first row of a read-only statement, on the event loop (see __init__)."""
+        if isinstance(self.loop_engine, AsyncEngine):
+            async with self.loop_engine.connect() as connection:
+                return (await connection.execute(statement, params)).first()
+        with self.loop_engine.connect() as connection:
+            return connection.execute(statement, params).first()
 
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"

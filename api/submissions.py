@@ -1,8 +1,10 @@
-"""Accepting a job: check everything, store the uploads, then write the job and its Kafka message
-in one database transaction (the outbox). A refused job leaves nothing in the store or on Kafka."""
+"""Accepting a job: the uploads arrive already stored (api/intake.py streams each file to the store
+and to a spool file as it is received); check everything on the spool files, then write the job
+and its Kafka message in one database transaction (the outbox). A refused job leaves nothing in
+the store or on Kafka: its inputs are deleted again."""
 
+import io
 import re
-import uuid
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -21,11 +23,12 @@ from models_store import ModelStore, VersionInfo
 
 @dataclass
 class Upload:
-    """One uploaded file, already spooled to disk by the multipart parser."""
+    """One uploaded file: stored under `key`, and spooled to disk (`file`) for the checks."""
 
     filename: str
     file: BinaryIO
     size: int
+    key: str
 
 
 @dataclass
@@ -83,7 +86,26 @@ def parse_spec(text: str, settings: Settings | None = None) -> JobSpec:
     return spec
 
 
-def submit_job(spec_text: str, uploads: Uploads, store: ModelStore, session: Session, settings: Settings, caller: Caller) -> Job:
+def input_key(store: ModelStore, job_id: str, field: str, filename: str, head: bytes) -> str:
+    """Where an upload is stored, from its field, its name and its first bytes: jobs/<id>/inputs/
+    dataset.csv, audio.zip or audio.tar, model.zip, model.tar or model/<its name>, heldout.csv,
+    heldout_audio.zip or .tar. The worker extracts the archives (an archive kind's name) into
+    their channel; a single model file keeps its name there."""
+    prefix = store.job_prefix(job_id) + "inputs/"
+    if field in ("dataset", "heldout"):
+        return f"{prefix}{field}.csv"
+    kind = archive_kind(io.BytesIO(head))
+    if field == "model":
+        if filename.lower().endswith(".keras") or kind is None:  # a .keras file is a zip kept whole
+            return f"{prefix}model/{_safe_name(filename)}"
+        return f"{prefix}model.{kind}"
+    return f"{prefix}{field}.{'zip' if kind == 'zip' else 'tar'}"
+
+
+def submit_job(job_id: str, spec_text: str, uploads: Uploads, store: ModelStore, session: Session, settings: Settings,
+               caller: Caller) -> Job:
+    """The job, checked and committed; raises the InputError of the first check that refused it.
+    Either way the uploads' objects are the caller's to delete when no job is returned."""
     spec = parse_spec(spec_text, settings)  # this app's bounds, before any upload is looked at
     dataset, audio, model = uploads.dataset, uploads.audio, uploads.model
     for field, upload in uploads.present():
@@ -111,7 +133,6 @@ def submit_job(spec_text: str, uploads: Uploads, store: ModelStore, session: Ses
     # The CSV, and each clip it names, checked in a bounded child process (api/checker.py).
     check_dataset(dataset.file, dataset.filename, audio.file if audio else None, audio.filename if audio else None,
                   spec.task, limits, CheckLimits.from_settings(settings))
-    audio_kind = archive_kind(audio.file) if audio else None
     heldout, heldout_audio = uploads.heldout, uploads.heldout_audio
     if heldout is not None:  # the same checks as the training set, in the same bounded child
         if heldout.size > limits.csv_max_bytes:
@@ -119,32 +140,15 @@ def submit_job(spec_text: str, uploads: Uploads, store: ModelStore, session: Ses
         check_dataset(heldout.file, heldout.filename, heldout_audio.file if heldout_audio else None,
                       heldout_audio.filename if heldout_audio else None, spec.task, limits, CheckLimits.from_settings(settings),
                       fields=("heldout", "heldout_audio"))
-    model_kind = check_model_upload(model.file, model.filename, limits) if model else None
+    if model:
+        check_model_upload(model.file, model.filename, limits)
 
-    # Everything checked: store the uploads, then commit the job and its messages together.
-    job_id = str(uuid.uuid4())
-    prefix = store.job_prefix(job_id) + "inputs/"
-    inputs = JobInputs(dataset=prefix + "dataset.csv")
+    # Everything checked: commit the job and its messages together.
+    inputs = JobInputs(dataset=dataset.key, audio=audio.key if audio else None, model=model.key if model else None,
+                       heldout=heldout.key if heldout else None, heldout_audio=heldout_audio.key if heldout_audio else None)
+    if base_version is not None:
+        inputs.base_model = store.artifact_key(spec.base.model, base_version)
     try:
-        _put(store, inputs.dataset, dataset, "text/csv")
-        if audio:
-            inputs.audio = prefix + ("audio.zip" if audio_kind == "zip" else "audio.tar")
-            _put(store, inputs.audio, audio)
-        if model:
-            # Archives are extracted into the model channel; a single file keeps its name there.
-            name = {"zip": "model.zip", "tar": "model.tar"}.get(model_kind) or "model/" + _safe_name(model.filename)
-            inputs.model = prefix + name
-            _put(store, inputs.model, model)
-        if base_version is not None:
-            inputs.base_model = store.artifact_key(spec.base.model, base_version)
-        if heldout is not None:
-            inputs.heldout = prefix + "heldout.csv"
-            _put(store, inputs.heldout, heldout, "text/csv")
-            if heldout_audio is not None:
-                kind = archive_kind(heldout_audio.file)
-                inputs.heldout_audio = prefix + ("heldout_audio.zip" if kind == "zip" else "heldout_audio.tar")
-                _put(store, inputs.heldout_audio, heldout_audio)
-
         now = utcnow()
         trainer = choose_trainer(model, base)
         message = JobMessage(job_id=job_id, tenant=caller.tenant, spec=spec, inputs=inputs, trainer=trainer, base_version=base_version, submitted_at=now)
@@ -161,7 +165,6 @@ def submit_job(spec_text: str, uploads: Uploads, store: ModelStore, session: Ses
         session.commit()
     except BaseException:
         session.rollback()
-        store.delete_prefix(store.job_prefix(job_id))
         raise
     return job
 
@@ -193,8 +196,3 @@ def choose_trainer(model: Upload | None, base: VersionInfo | None) -> str:
 def _safe_name(filename: str) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]", "_", filename.replace("\\", "/").rsplit("/", 1)[-1]).lstrip(".")
     return name or "model"
-
-
-def _put(store: ModelStore, key: str, upload: Upload, content_type: str = "application/octet-stream") -> None:
-    upload.file.seek(0)
-    store.put_stream(key, upload.file, upload.size, content_type)

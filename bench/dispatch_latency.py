@@ -2,8 +2,9 @@
 
 Two clocks per job: `server` = the job record's started_at - created_at (API commit -> outbox ->
 Kafka -> worker -> started event), and `client` = until a client polling GET /v1/jobs sees
-`running` (adds the event consumer and the poll interval). Each job is cancelled once running so
-the next one meets an idle worker. Baseline, same run and broker: a bare Kafka produce -> consume
+`running` (adds the event consumer and the poll interval). Each job is cancelled once running, and
+the next is submitted when the worker runs nothing again (its retrain_worker_jobs_running), so
+each job meets an idle worker. Baseline, same run and broker: a bare Kafka produce -> consume
 round trip, the floor any Kafka-based dispatch pays.
 
     make up && .venv/bin/python bench/dispatch_latency.py [--jobs 50]
@@ -24,6 +25,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import API, KAFKA, api_headers, percentile, small_dataset, table  # noqa: E402
+from deploy.local.stack import Stack  # noqa: E402
 
 
 def kafka_round_trips(n: int) -> list[float]:
@@ -49,11 +51,26 @@ def kafka_round_trips(n: int) -> list[float]:
     return times
 
 
-def dispatch(client: httpx.Client, csv: Path, clips: Path, n: int, trace: list | None = None) -> tuple[list[float], list[float]]:
-    """`trace`, when given, gets (job id, seconds until a client saw it running) per job."""
+def worker_running(metrics_url: str) -> float:
+    """retrain_worker_jobs_running of one worker (its /metrics)."""
+    for line in httpx.get(metrics_url, timeout=10).text.splitlines():
+        if line.startswith("retrain_worker_jobs_running "):
+            return float(line.split()[1])
+    raise RuntimeError(f"{metrics_url} has no retrain_worker_jobs_running")
+
+
+def dispatch(client: httpx.Client, csv: Path, clips: Path, n: int, trace: list | None = None,
+             worker_metrics: str | None = None) -> tuple[list[float], list[float]]:
+    """`trace`, when given, gets (job id, seconds until a client saw it running) per job.
+    `worker_metrics` (a worker's /metrics URL): before each job, wait until that worker runs
+    nothing, so each job is dispatched to a free worker. A cancelled job reads cancelled at once,
+    but its worker may still be stopping its trainer (SIGTERM, up to 10 s): without the wait the
+    next job would measure that stop, not its dispatch."""
     spec = {"task": "audio_classification", "model_name": "bench-dispatch", "hyperparameters": {"epochs": 1}}
     server, seen = [], []
     for _ in range(n):
+        while worker_metrics is not None and worker_running(worker_metrics) > 0:
+            time.sleep(0.01)
         response = client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files={
             "dataset": ("d.csv", csv.read_bytes(), "text/csv"), "audio": ("c.zip", clips.read_bytes(), "application/zip")})
         accepted = time.perf_counter()
@@ -80,7 +97,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, httpx.Client(base_url=API, headers=api_headers(), timeout=60) as client:
         csv, clips = small_dataset(Path(tmp))
         baseline = kafka_round_trips(args.jobs)
-        server, seen = dispatch(client, csv, clips, args.jobs)
+        server, seen = dispatch(client, csv, clips, args.jobs, worker_metrics=Stack.from_env().metrics_url())
     base50 = percentile(baseline, 50)
     rows = [
         ["kafka produce->consume (baseline)", percentile(baseline, 50) * 1000, percentile(baseline, 95) * 1000, 1.0],

@@ -117,8 +117,10 @@ class ModelStore:
     def put_file(self, key: str, path: Path, content_type: str = "application/octet-stream") -> None:
         self.client.fput_object(self.bucket, key, str(path), content_type=content_type, part_size=PART_SIZE)
 
-    def put_stream(self, key: str, stream: BinaryIO, length: int = -1, content_type: str = "application/octet-stream") -> None:
-        self.client.put_object(self.bucket, key, stream, length, content_type=content_type, part_size=PART_SIZE)
+    def put_stream(self, key: str, stream: BinaryIO, length: int = -1, content_type: str = "application/octet-stream",
+                   part_size: int = PART_SIZE) -> None:
+        """Of unknown length (-1), the SDK holds up to four parts in memory (one read, three sending)."""
+        self.client.put_object(self.bucket, key, stream, length, content_type=content_type, part_size=part_size)
 
     def put_json(self, key: str, value: Any) -> None:
         data = json.dumps(value, indent=2, default=str).encode()

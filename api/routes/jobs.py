@@ -3,20 +3,23 @@
 import base64
 import binascii
 import re
+import uuid
 from collections.abc import Iterator
+from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, File, Form, Header, HTTPException, Path, Query, Request, UploadFile, status
+from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, status
 from fastapi.responses import RedirectResponse, StreamingResponse
-from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
+from sqlalchemy import bindparam, select
 
 from api.auth import Caller, Reader, Role, Submitter, audit, require
 from api.db import Job, OutboxMessage
 from api.deps import SessionDep, SettingsDep, TenantStoreDep
 from api.event_stream import job_event_stream, parse_last_event_id
 from api.schemas import JobCreated, JobList, JobOut, Progress
-from api.submissions import Upload, Uploads, submit_job
+from api import intake
+from api.submissions import Upload, Uploads, input_key, parse_spec, submit_job
 from api.job_events import settle
 from jobs.events import ControlCommand, JobState
 from jobs.lifecycle import Outcome
@@ -31,7 +34,8 @@ Cursor = Annotated[str | None, Query(max_length=32, description="next_cursor of 
 _CURSOR_DIGITS = re.compile(r"[0-9]{1,18}")
 
 
-def job_out(job: Job, request: Request) -> JobOut:
+def job_out(job, request: Request) -> JobOut:
+    """A Job (or a row of the jobs table) as the API shows it."""
     artifact = str(request.url_for("job_artifact", job_id=job.id)) if job.model_version is not None else None
     return JobOut(
         id=job.id, state=job.state, task=job.task, model_name=job.model_name, spec=job.spec,
@@ -42,34 +46,26 @@ def job_out(job: Job, request: Request) -> JobOut:
     )
 
 
-def _upload(file: UploadFile | None) -> Upload | None:
-    if file is None:
-        return None
-    file.file.seek(0, 2)
-    size = file.file.tell()
-    file.file.seek(0)
-    return Upload(filename=file.filename or "upload", file=file.file, size=size)
-
-
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobCreated)
-def create_job(
-    request: Request,
-    caller: Submitter,
-    session: SessionDep,
-    store: TenantStoreDep,
-    settings: SettingsDep,
-    spec: Annotated[str, Form(description='JSON job spec, e.g. {"task": "audio_classification", "model_name": "keywords"}')],
-    dataset: Annotated[UploadFile, File(description="CSV manifest: audio,label[,split]")],
-    audio: Annotated[UploadFile | None, File(description="zip or tar(.gz) of the audio files the CSV names")] = None,
-    model: Annotated[UploadFile | None, File(description="optional base model (file or archive)")] = None,
-    heldout: Annotated[UploadFile | None, File(description="with spec.promote: CSV of the held-out set (audio,label) both versions are scored on")] = None,
-    heldout_audio: Annotated[UploadFile | None, File(description="with spec.promote: archive of the clips the heldout CSV names")] = None,
-) -> JobCreated:
-    uploads = Uploads(_upload(dataset), _upload(audio), _upload(model), _upload(heldout), _upload(heldout_audio))
-    job = submit_job(spec, uploads, store, session, settings, caller)
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=JobCreated, openapi_extra=intake.openapi_request_body())
+async def create_job(request: Request, caller: Submitter, session: SessionDep, store: TenantStoreDep, settings: SettingsDep) -> JobCreated:
+    """Submit a job: a multipart form of `spec` (JSON) and the files (api/intake.py), each stored
+    as it arrives; then checked (api/submissions.py). A refusal removes what was stored."""
+    job_id = str(uuid.uuid4())
+    form = None
+    try:
+        form = await intake.receive_form(
+            request, store, partial(input_key, store, job_id), settings.max_spec_bytes, settings.max_upload_bytes,
+            on_spec=partial(parse_spec, settings=settings))  # a bad spec is refused before the files are read
+        files = {name: Upload(f.filename, f.file, f.size, f.key) for name, f in form.files.items()}
+        job = await run_in_threadpool(submit_job, job_id, form.spec, Uploads(**files), store, session, settings, caller)
+    except BaseException:
+        await run_in_threadpool(store.delete_prefix, store.job_prefix(job_id))
+        raise
+    finally:
+        for received in (form.files.values() if form else ()):
+            received.file.close()
     request.app.state.outbox.wake.set()
-    status_url = str(request.url_for("get_job", job_id=job.id))
-    return JobCreated(id=job.id, state=job.state, status_url=status_url)
+    return JobCreated(id=job.id, state=job.state, status_url=str(request.url_for("get_job", job_id=job.id)))
 
 
 @router.get("", response_model=JobList)
@@ -111,13 +107,32 @@ def _get(session, job_id: str, caller: Caller) -> Job:
     """The caller's tenant's job; another tenant's answers 404 like one that does not exist."""
     job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant == caller.tenant))
     if job is None:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail={"field": "job_id", "error": f"no job {job_id!r}"})
+        raise _no_job(job_id)
     return job
 
 
+def _no_job(job_id: str) -> HTTPException:
+    return HTTPException(status.HTTP_404_NOT_FOUND, detail={"field": "job_id", "error": f"no job {job_id!r}"})
+
+
+_JOB_OUT_COLUMNS = ("id", "state", "task", "model_name", "spec", "base_version", "epoch", "epochs", "step", "metrics", "error",
+                    "model_version", "outputs", "worker", "attempts", "created_at", "updated_at", "started_at", "finished_at")
+_READ_JOB = (select(*(Job.__table__.c[name] for name in _JOB_OUT_COLUMNS))
+             .where(Job.id == bindparam("job_id"), Job.tenant == bindparam("tenant")))
+
+
+async def _read_job(db, job_id: str, caller: Caller):
+    """`_get` for the reads clients poll: the row alone, read on the event loop (api/db.py
+    `read_row`: no thread-pool hop, no ORM session), with the attributes job_out reads."""
+    row = await db.read_row(_READ_JOB, {"job_id": job_id, "tenant": caller.tenant})
+    if row is None:
+        raise _no_job(job_id)
+    return row
+
+
 @router.get("/{job_id}", response_model=JobOut)
-def get_job(job_id: JobId, request: Request, caller: Reader, session: SessionDep) -> JobOut:
-    return job_out(_get(session, job_id, caller), request)
+async def get_job(job_id: JobId, request: Request, caller: Reader) -> JobOut:
+    return job_out(await _read_job(request.app.state.db, job_id, caller), request)
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse,
@@ -130,16 +145,11 @@ async def job_events(
     each new one, closing after the final one."""
     db = request.app.state.db
     after = parse_last_event_id(last_event_id)
-    await run_in_threadpool(_exists, db, job_id, caller)
+    await _read_job(db, job_id, caller)
     slots = request.app.state.event_streams
     slots.take()
     stream = job_event_stream(db, settings, slots, job_id, after, request.is_disconnected)
     return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _exists(db, job_id: str, caller: Caller) -> None:
-    with db.sessions() as session:
-        _get(session, job_id, caller)
 
 
 @router.get("/{job_id}/artifact")

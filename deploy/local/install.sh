@@ -20,8 +20,9 @@ set -euo pipefail
 KAFKA_VERSION=3.9.1
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
 # postgresql-15: the server the stack and the tests run (not as a system service); nginx: the
-# reverse proxy in front of several API replicas (tests/e2e/test_replicas.py).
-APT_PACKAGES=(espeak-ng flite sox libsox-fmt-all ffmpeg libsndfile1 docker.io debootstrap chromium postgresql-15 nginx)
+# reverse proxy in front of several API replicas (tests/e2e/test_replicas.py); wrk: the HTTP load
+# generator of bench/read_speed.py.
+APT_PACKAGES=(espeak-ng flite sox libsox-fmt-all ffmpeg libsndfile1 docker.io debootstrap chromium postgresql-15 nginx wrk)
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 ROOT="$(cd "$HERE/../.." && pwd)"

@@ -140,8 +140,9 @@ def test_json_nested_past_the_parser_limit(client, app_settings, clips):
 
 
 def test_spec_bigger_than_a_form_field_may_be(client, app_settings, clips):
+    """Refused while it arrives (api/intake.py), at the spec's own bound, before any file is read."""
     spec = {**SPEC, "hyperparameters": {"notes": "x" * 2_000_000}}
-    refused(post(client, clips, spec), 413, "body", says="maximum size")
+    refused(post(client, clips, spec), 413, "spec", says=f"over the limit of {app_settings.max_spec_bytes} bytes")
     assert_nothing_left(client, app_settings)
 
 
@@ -223,6 +224,65 @@ def test_bad_job_ids_and_output_names(client, app_settings):
     assert_nothing_left(client, app_settings)
 
 
+# ---- hostile multipart bodies (api/intake.py reads them as they arrive) ----------------------
+
+
+def multipart(*parts: tuple[str, str | None, bytes], boundary: str = "b0undary", end: bool = True) -> tuple[bytes, dict]:
+    """A body of (name, filename or None, data) parts, and its Content-Type header."""
+    body = b""
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename is not None else "")
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n\r\n".encode() + data + b"\r\n"
+    if end:
+        body += f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def good_parts(clips) -> list[tuple[str, str | None, bytes]]:
+    csv_text = "audio,label\n" + "".join(f"{name},{label}\n" for name, _, label in clips)
+    return [("spec", None, json.dumps(SPEC).encode()), ("dataset", "dataset.csv", csv_text.encode()),
+            ("audio", "audio.zip", make_zip({name: data for name, data, _ in clips}))]
+
+
+def test_form_fields_the_endpoint_does_not_have_or_gets_twice(client, app_settings, clips):
+    body, headers = multipart(*good_parts(clips), ("script", "run.sh", b"rm -rf /"))
+    refused(client.post("/v1/jobs", content=body, headers=headers), 422, "script", says="not a field of this form")
+    body, headers = multipart(*good_parts(clips), ("dataset", "other.csv", b"audio,label\n"))
+    refused(client.post("/v1/jobs", content=body, headers=headers), 422, "dataset", says="sent twice")
+    body, headers = multipart(good_parts(clips)[0], ("dataset", None, b"audio,label\n"))
+    refused(client.post("/v1/jobs", content=body, headers=headers), 422, "dataset", says="must be a file")
+    body, headers = multipart(*good_parts(clips)[1:])
+    refused(client.post("/v1/jobs", content=body, headers=headers), 422, "spec", says="required")
+    assert_nothing_left(client, app_settings)
+
+
+def test_bodies_that_are_not_a_whole_form(client, app_settings, clips):
+    body, _ = multipart(*good_parts(clips))
+    refused(client.post("/v1/jobs", content=body, headers={"Content-Type": "application/json"}), 422, "body", says="multipart/form-data")
+    refused(client.post("/v1/jobs", content=body, headers={"Content-Type": "multipart/form-data"}), 422, "body", says="multipart/form-data")
+    # Cut off inside the archive: the parts begun are not a job (their stored objects are removed).
+    body, headers = multipart(*good_parts(clips), end=False)
+    refused(client.post("/v1/jobs", content=body[:-100], headers=headers), 422, "body", says="ended inside a part")
+    huge_header = f'--b0undary\r\nContent-Disposition: form-data; name="spec"\r\nX-Pad: {"x" * 20_000}\r\n\r\n{{}}\r\n--b0undary--\r\n'
+    refused(client.post("/v1/jobs", content=huge_header.encode(), headers=headers), 422, "body", says="header size exceeded")
+    assert_nothing_left(client, app_settings)
+
+
+def test_a_client_that_goes_away_mid_upload_leaves_nothing(client, app_settings, clips):
+    """The archive's object is begun in the store while the body arrives; the client hangs up
+    halfway through: the upload is stopped and nothing stays in the bucket."""
+    body, headers = multipart(*good_parts(clips)[:2], ("audio", "audio.zip", b"\0" * (3 * 1024 * 1024)), end=False)
+
+    def hang_up_halfway():
+        yield body[: len(body) // 2]
+        raise ConnectionAbortedError("the client went away")
+
+    with pytest.raises(Exception):
+        client.post("/v1/jobs", content=hang_up_halfway(), headers=headers)
+    wait_until(lambda: client.app_state.store.list_keys("") == [], 30, "the stored half of the upload to be removed")
+    assert_nothing_left(client, app_settings)
+
+
 # ---- and a normal job still goes through ----------------------------------------------------
 
 
@@ -237,6 +297,17 @@ def test_a_normal_job_still_goes_through(client, app_settings, clips):
     wait_until(lambda: client.app_state.outbox.in_flight == set(), 10, "the outbox to settle")
     with client.app_state.db.sessions() as session:
         assert session.scalar(select(func.count()).select_from(OutboxMessage)) == 0
+
+
+def test_a_spec_sent_as_a_file_is_read_like_the_field(client, app_settings, clips):
+    """curl -F spec=@spec.json: accepted like the text field (after the normal job, file order)."""
+    parts = good_parts(clips)
+    body, headers = multipart(("spec", "spec.json", parts[0][2]), *parts[1:])
+    response = client.post("/v1/jobs", content=body, headers=headers)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["id"]
+    assert sorted(client.app_state.store.list_keys(f"jobs/{job_id}/")) == [f"jobs/{job_id}/inputs/audio.zip", f"jobs/{job_id}/inputs/dataset.csv"]
+    wait_until(lambda: job_id in keys_on(app_settings, app_settings.topic_jobs), 30, "the job's message on the jobs topic")
 
 
 # ---- the outbox never blocks on one row ------------------------------------------------------
