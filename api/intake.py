@@ -87,6 +87,7 @@ class _StoreWriter(threading.Thread):
         self.done: concurrent.futures.Future = concurrent.futures.Future()
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
+        self._wanted = 0  # what the thread waits for: woken only when that much is there
         self._ended = self._aborted = False
         self._room: concurrent.futures.Future | None = None
         self._lock = threading.Condition()
@@ -101,7 +102,8 @@ class _StoreWriter(threading.Thread):
                 if self._buffered < self.capacity:
                     self._chunks.append(data)
                     self._buffered += len(data)
-                    self._lock.notify()
+                    if self._buffered >= self._wanted:
+                        self._lock.notify()
                     return
                 room = self._room = concurrent.futures.Future()
             await asyncio.wrap_future(room)
@@ -131,6 +133,7 @@ class _StoreWriter(threading.Thread):
         SDK asks for a whole part; one join, not a bytes += per chunk)."""
         size = min(size, self.capacity) if size >= 0 else self.capacity  # never more than can arrive
         with self._lock:
+            self._wanted = size
             while self._buffered < size and not self._ended and not self._aborted:
                 self._lock.wait()
             if self._aborted:
@@ -144,9 +147,8 @@ class _StoreWriter(threading.Thread):
                 taken.append(chunk)
                 wanted -= len(chunk)
             self._buffered -= size - wanted
-            if self._room is not None and self._buffered < self.capacity:
-                self._room.set_result(None)
-                self._room = None
+            if self._buffered < self.capacity:
+                self._make_room()
         data = b"".join(taken)
         self.spool.write(data)
         self.size += len(data)
@@ -164,9 +166,13 @@ class _StoreWriter(threading.Thread):
             self.done.set_exception(err)
         finally:
             with self._lock:
-                if self._room is not None:
-                    self._room.set_result(None)
-                    self._room = None
+                self._make_room()
+
+    def _make_room(self) -> None:
+        """Wake the event loop's `write` waiting for room (called with the lock held)."""
+        if self._room is not None and not self._room.done():  # done: that wait was cancelled
+            self._room.set_result(None)
+        self._room = None
 
 
 class _Aborted(Exception):

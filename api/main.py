@@ -26,6 +26,7 @@ from api.auth import KeyCache
 from api.db import Database
 from api.event_stream import StreamSlots
 from api.job_events import JobEventsConsumer
+from api.intake import FILE_FIELDS
 from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, RequestMetrics
 from api.outbox import OutboxRelay
@@ -151,8 +152,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     def metrics():  # Prometheus text format (api/metrics.py)
         return app.state.metrics.response()
 
-    # The whole multipart body may hold three files, each up to max_upload_bytes.
-    app.add_middleware(BodySizeLimit, max_bytes=3 * settings.max_upload_bytes + 1024 * 1024)
+    # The whole multipart body may hold every file of the form (api/intake.py), each up to max_upload_bytes.
+    app.add_middleware(BodySizeLimit, max_bytes=len(FILE_FIELDS) * settings.max_upload_bytes + 1024 * 1024)
 
     @app.exception_handler(InputError)
     async def input_error(_request: Request, err: InputError):
