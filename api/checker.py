@@ -52,6 +52,8 @@ class CheckLimits:
 class DatasetSummary:
     rows: int
     label_counts: dict[str, int]  # classification only; empty otherwise
+    by_split: dict[str, dict[str, int]]  # classification: split ('' = unassigned) -> label -> rows
+    first_rows: dict[str, int]  # classification: label -> the CSV row where it first occurs
 
 
 class _Fd:
@@ -109,6 +111,17 @@ def check_dataset(
     return value
 
 
+def _summary(manifest) -> DatasetSummary:
+    by_split: dict[str, dict[str, int]] = {}
+    first_rows: dict[str, int] = {}
+    for row in manifest.rows:
+        if "label" in row:
+            counts = by_split.setdefault(row.get("split", ""), {})
+            counts[row["label"]] = counts.get(row["label"], 0) + 1
+            first_rows.setdefault(row["label"], int(row["_row"]))
+    return DatasetSummary(len(manifest.rows), dict(manifest.label_counts), by_split, first_rows)
+
+
 def _child(send, dataset_fd: int, dataset_name: str, audio_fd: int | None, audio_name: str | None,
            task: str, limits: UploadLimits, check: CheckLimits) -> None:
     import resource
@@ -133,7 +146,7 @@ def _child(send, dataset_fd: int, dataset_name: str, audio_fd: int | None, audio
                 check_audio_files(manifest, archive)
         else:
             check_audio_files(manifest, archive)
-        answer = ("ok", DatasetSummary(len(manifest.rows), dict(manifest.label_counts)))
+        answer = ("ok", _summary(manifest))
     except InputError as err:
         answer = ("refused", {"field": err.field, "message": err.message, "row": err.row, "file": err.file, "status": err.status})
     except MemoryError:

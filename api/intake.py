@@ -282,7 +282,10 @@ async def receive_form(request: Request, store: ModelStore, key_for: Callable[[s
                         w = part.writer
                         form.files[part.name] = Received(part.filename, w.spool, w.size, w.key)
                     else:
-                        form.spec = part.text.decode("utf-8", "replace")
+                        try:
+                            form.spec = part.text.decode("utf-8")
+                        except UnicodeDecodeError as err:
+                            raise InputError(SPEC_FIELD, f"is not UTF-8 text (byte {err.start} is invalid)") from None
                         if on_spec is not None:
                             on_spec(form.spec)
             events.clear()

@@ -5,6 +5,7 @@ the store or on Kafka: its inputs are deleted again."""
 
 import io
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -13,8 +14,9 @@ from sqlalchemy.orm import Session
 
 from api.db import Job, OutboxMessage
 from api.auth import Caller, audit
-from api.checker import CheckLimits, check_dataset
+from api.checker import CheckLimits, DatasetSummary, check_dataset
 from api.validation import InputError, UploadLimits, archive_kind, check_model_upload
+from jobs import splits
 from jobs.events import EventType, JobEvent, JobState, utcnow
 from jobs.settings import Settings
 from jobs.spec import JobInputs, JobMessage, JobSpec, Task
@@ -131,8 +133,8 @@ def submit_job(job_id: str, spec_text: str, uploads: Uploads, store: ModelStore,
     if dataset.size > limits.csv_max_bytes:
         raise InputError("dataset", f"is {dataset.size} bytes; the limit is {limits.csv_max_bytes}", file=dataset.filename, status=413)
     # The CSV, and each clip it names, checked in a bounded child process (api/checker.py).
-    check_dataset(dataset.file, dataset.filename, audio.file if audio else None, audio.filename if audio else None,
-                  spec.task, limits, CheckLimits.from_settings(settings))
+    summary = check_dataset(dataset.file, dataset.filename, audio.file if audio else None, audio.filename if audio else None,
+                            spec.task, limits, CheckLimits.from_settings(settings))
     heldout, heldout_audio = uploads.heldout, uploads.heldout_audio
     if heldout is not None:  # the same checks as the training set, in the same bounded child
         if heldout.size > limits.csv_max_bytes:
@@ -142,6 +144,9 @@ def submit_job(job_id: str, spec_text: str, uploads: Uploads, store: ModelStore,
                       fields=("heldout", "heldout_audio"))
     if model:
         check_model_upload(model.file, model.filename, limits)
+    trainer = choose_trainer(model, base)
+    if spec.task == Task.audio_classification and trainer == "audio":
+        _check_splits(spec, summary, dataset.filename)
 
     # Everything checked: commit the job and its messages together.
     inputs = JobInputs(dataset=dataset.key, audio=audio.key if audio else None, model=model.key if model else None,
@@ -150,7 +155,6 @@ def submit_job(job_id: str, spec_text: str, uploads: Uploads, store: ModelStore,
         inputs.base_model = store.artifact_key(spec.base.model, base_version)
     try:
         now = utcnow()
-        trainer = choose_trainer(model, base)
         message = JobMessage(job_id=job_id, tenant=caller.tenant, spec=spec, inputs=inputs, trainer=trainer, base_version=base_version, submitted_at=now)
         job = Job(
             id=job_id, tenant=caller.tenant, state=JobState.queued, task=spec.task, model_name=spec.model_name,
@@ -167,6 +171,23 @@ def submit_job(job_id: str, spec_text: str, uploads: Uploads, store: ModelStore,
         session.rollback()
         raise
     return job
+
+
+def _check_splits(spec: JobSpec, summary: DatasetSummary, filename: str) -> None:
+    """The built-in classification trainers' split rule (jobs/splits.py), here rather than minutes
+    later in the trainer: a class too small to hold out its validation and test clips is a 422
+    naming it and its first row."""
+    given = spec.hyperparameters.for_trainer()
+    fractions = {}
+    for name, default in (("validation_fraction", splits.VALIDATION_FRACTION), ("test_fraction", splits.TEST_FRACTION)):
+        value = given.get(name, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return  # not a number: the trainer's own argument check names it
+        fractions[name] = float(value)
+    refusal = splits.split_refusal({split: Counter(counts) for split, counts in summary.by_split.items()}, **fractions)
+    if refusal is not None:
+        label, why = refusal
+        raise InputError("dataset", why, row=summary.first_rows.get(label), file=filename)
 
 
 def _check_promotion(spec: JobSpec, uploads: Uploads) -> None:

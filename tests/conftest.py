@@ -177,6 +177,13 @@ def clips(keyword_data) -> list[tuple[str, bytes, str]]:
     return [(r["audio"], (base / r["audio"]).read_bytes(), r["label"]) for r in (first, second)]
 
 
+def trainable_csv(pairs) -> str:
+    """A classification CSV of (audio, label) pairs the built-in trainers can split (jobs/splits.py):
+    each pair once for training and once for validation, so one clip of each of two classes makes
+    a job the API accepts (with no split column, a class needs three clips)."""
+    return "audio,label,split\n" + "".join(f"{audio},{label},{split}\n" for split in ("train", "validation") for audio, label in pairs)
+
+
 def submit(client: httpx.Client, spec: dict, csv: Path, audio: Path | None = None, model: Path | None = None) -> httpx.Response:
     import json
 

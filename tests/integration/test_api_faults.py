@@ -18,7 +18,7 @@ from api.db import Job, OutboxMessage
 from deploy.local.stack import Stack, free_port
 from jobs.settings import Settings
 from tests.integration.test_bad_input import make_zip
-from tests.conftest import in_process_api, wait_until
+from tests.conftest import in_process_api, wait_until, trainable_csv
 from tests.integration.test_hostile_requests import keys_on
 
 pytestmark = pytest.mark.integration
@@ -59,7 +59,7 @@ def tone(freq: float) -> bytes:
 
 def submit(client):
     files = {
-        "dataset": ("dataset.csv", b"audio,label\nlow.wav,low\nhigh.wav,high\n", "text/csv"),
+        "dataset": ("dataset.csv", trainable_csv([("low.wav", "low"), ("high.wav", "high")]).encode(), "text/csv"),
         "audio": ("audio.zip", make_zip({"low.wav": tone(220), "high.wav": tone(880)}), "application/zip"),
     }
     return client.post("/v1/jobs", data={"spec": json.dumps(SPEC)}, files=files)

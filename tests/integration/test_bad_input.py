@@ -14,7 +14,7 @@ from confluent_kafka import Consumer, TopicPartition
 from sqlalchemy import func, select
 
 from api.db import Job, OutboxMessage
-from tests.conftest import in_process_api, isolated
+from tests.conftest import in_process_api, isolated, trainable_csv
 
 pytestmark = pytest.mark.integration
 
@@ -205,10 +205,23 @@ def test_base_model_upload_that_is_a_pickle(client, app_settings, clips):
     assert_nothing_left(client, app_settings)
 
 
+def test_classes_too_small_to_split_are_refused_at_submission(client, app_settings, clips):
+    """One clip of each class and no split column: the trainer could hold out no test and no
+    validation clip (jobs/splits.py), so the API says so now, naming the class and its first row."""
+    first = min(clips, key=lambda clip: clip[2])  # the rule looks at the classes in sorted order
+    row = 2 + clips.index(first)
+    check(post(client, good_csv(clips), good_zip(clips)), 422, "dataset", row=row, file="dataset.csv",
+          says=f"class {first[2]!r} has 1 clip(s) to split; at least 3 are needed to hold out a test split")
+    # Asking for no test split and a bigger validation split: still one clip short.
+    spec = {**SPEC, "hyperparameters": {"test_fraction": 0, "validation_fraction": 0.4}}
+    check(post(client, good_csv(clips), good_zip(clips), spec=spec), 422, "dataset", row=row, says="validation split")
+    assert_nothing_left(client, app_settings)
+
+
 def test_a_good_submission_is_stored_and_queued(client, app_settings, clips):
     """The control for the tests above: the same checks let a good job through, and then the
     store, the database and Kafka do hold it."""
-    response = post(client, good_csv(clips), good_zip(clips))
+    response = post(client, trainable_csv((name, label) for name, _, label in clips), good_zip(clips))
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     keys = client.app_state.store.list_keys(f"jobs/{job_id}/")

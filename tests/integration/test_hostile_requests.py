@@ -17,7 +17,7 @@ from sqlalchemy import func, select
 
 from api.db import Job, OutboxDead, OutboxMessage
 from jobs.events import JobState, utcnow
-from tests.conftest import TEST_TENANT, in_process_api, isolated, wait_until
+from tests.conftest import TEST_TENANT, in_process_api, isolated, wait_until, trainable_csv
 from tests.integration.test_bad_input import make_zip, messages_on
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ def client(app_settings):
 
 
 def post(client, clips, spec) -> "httpx.Response":  # noqa: F821
-    csv_text = "audio,label\n" + "".join(f"{name},{label}\n" for name, _, label in clips)
+    csv_text = trainable_csv((name, label) for name, _, label in clips)
     files = {
         "dataset": ("dataset.csv", csv_text.encode(), "text/csv"),
         "audio": ("audio.zip", make_zip({name: data for name, data, _ in clips}), "application/zip"),
@@ -239,7 +239,7 @@ def multipart(*parts: tuple[str, str | None, bytes], boundary: str = "b0undary",
 
 
 def good_parts(clips) -> list[tuple[str, str | None, bytes]]:
-    csv_text = "audio,label\n" + "".join(f"{name},{label}\n" for name, _, label in clips)
+    csv_text = trainable_csv((name, label) for name, _, label in clips)
     return [("spec", None, json.dumps(SPEC).encode()), ("dataset", "dataset.csv", csv_text.encode()),
             ("audio", "audio.zip", make_zip({name: data for name, data, _ in clips}))]
 

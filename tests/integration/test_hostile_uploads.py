@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 
-from tests.conftest import in_process_api, isolated
+from tests.conftest import in_process_api, isolated, trainable_csv
 from tests.integration.test_bad_input import assert_nothing_left, messages_on
 from tests.unit.test_archive import (
     make_tar, make_zip, tar_file, tar_link, tar_negative_size, tar_pax_digits, tar_special, zip_bad_crc, zip_bomb,
@@ -185,12 +185,12 @@ def test_the_corpus_is_large_enough():
 def test_a_normal_submission_is_still_accepted(client, app_settings, clips):
     """Last in the file: after every hostile upload above, a good job is stored and queued, a
     tar.gz of the same clips as well, and a model upload with a plain config passes."""
-    response = post(client, good_csv(clips), make_zip(entries(clips)))
+    response = post(client, trainable_csv((name, label) for name, _, label in clips), make_zip(entries(clips)))
     assert response.status_code == 202, response.text
     job_id = response.json()["id"]
     assert sorted(client.app_state.store.list_keys(f"jobs/{job_id}/")) == [f"jobs/{job_id}/inputs/audio.zip", f"jobs/{job_id}/inputs/dataset.csv"]
     model = make_zip({"m/config.json": b'{"model_type": "wav2vec2"}', "m/model.safetensors": b"\x08" + bytes(64)})
-    response = post(client, good_csv(clips), tar_of(clips), audio_name="audio.tar.gz", model=model)
+    response = post(client, trainable_csv((name, label) for name, _, label in clips), tar_of(clips), audio_name="audio.tar.gz", model=model)
     assert response.status_code == 202, response.text
     import time
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, settings as hypothesis_settings
 from schemathesis.checks import not_a_server_error
 
 from api.main import create_app
-from tests.conftest import admin_headers, isolated, served_api
+from tests.conftest import admin_headers, isolated, served_api, trainable_csv
 from tests.integration.test_api_faults import make_zip, tone
 
 pytestmark = pytest.mark.integration
@@ -30,7 +30,7 @@ def api(settings, tmp_path_factory):
     with served_api(app_settings) as base:
         # A real job in the database, so listings and their cursors have something to page through.
         files = {
-            "dataset": ("dataset.csv", b"audio,label\nlow.wav,low\nhigh.wav,high\n", "text/csv"),
+            "dataset": ("dataset.csv", trainable_csv([("low.wav", "low"), ("high.wav", "high")]).encode(), "text/csv"),
             "audio": ("audio.zip", make_zip({"low.wav": tone(220), "high.wav": tone(880)}), "application/zip"),
         }
         spec = '{"task": "audio_classification", "model_name": "fuzz"}'

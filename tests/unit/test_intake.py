@@ -74,6 +74,12 @@ def test_the_spec_is_handed_over_before_the_files_are_read():
     assert seen == ["{}"] and store.objects == {}
 
 
+def test_a_spec_that_is_not_utf8_is_refused():
+    with pytest.raises(InputError) as refused:
+        receive(Request(body(("spec", None, b'{"task": "caf\xe9"}'), ("dataset", "d.csv", b"a")), 64), DictStore())
+    assert refused.value.field == "spec" and "UTF-8" in refused.value.message
+
+
 def test_a_file_over_the_limit_is_refused_as_it_arrives():
     store = DictStore()
     request = Request(body(("spec", None, b"{}"), ("dataset", "d.csv", b"x" * 3000)), 256)

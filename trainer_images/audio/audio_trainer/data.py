@@ -13,6 +13,7 @@ import subprocess
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+import math
 from math import gcd
 from pathlib import Path
 
@@ -185,6 +186,11 @@ def _stratified_take(clips: list[Clip], fraction: float, rng: random.Random, pur
     return kept, taken
 
 
+# Below this many clips, the split the metrics are reported on is too small to trust (the 95%
+# interval of an accuracy near 0.5 is wider than ±0.1); the model card and metrics.json say so.
+SMALL_EVALUATION_SPLIT = 100
+
+
 def make_splits(clips: list[Clip], validation_fraction: float, test_fraction: float, seed: int,
                 base_labels: list[str] | None = None) -> Splits:
     """Honour given splits; divide the unassigned rows, stratified by label with a fixed seed.
@@ -223,6 +229,10 @@ def make_splits(clips: list[Clip], validation_fraction: float, test_fraction: fl
     if not test:
         eval_split = "validation"
         notes.append("no test split: the reported metrics are on the validation split, which also chose the best epoch")
+    evaluated = len(test or validation)
+    if evaluated < SMALL_EVALUATION_SPLIT:
+        notes.append(f"the {eval_split} split has only {evaluated} clip(s): an accuracy measured on it is uncertain by up to "
+                     f"±{0.98 / math.sqrt(evaluated):.2f} (95% interval); do not trust it, or small differences between models")
 
     train_labels = Counter(c.label for c in train)
     if len(train_labels) < 2:
