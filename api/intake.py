@@ -58,8 +58,9 @@ def openapi_request_body() -> dict:
 
 
 @dataclass
-class Received:
-    """One file of the form: stored under `key`, and spooled to `file` (at its start)."""
+class Upload:
+    """One file of the form: stored under `key`, and spooled to disk (`file`, at its start) for
+    the checks (api/submissions.py)."""
 
     filename: str
     file: BinaryIO
@@ -70,7 +71,7 @@ class Received:
 @dataclass
 class Form:
     spec: str
-    files: dict[str, Received] = field(default_factory=dict)
+    files: dict[str, Upload] = field(default_factory=dict)
 
 
 class _StoreWriter(threading.Thread):
@@ -280,7 +281,7 @@ async def receive_form(request: Request, store: ModelStore, key_for: Callable[[s
                     if part.writer is not None:
                         await part.writer.finish()
                         w = part.writer
-                        form.files[part.name] = Received(part.filename, w.spool, w.size, w.key)
+                        form.files[part.name] = Upload(part.filename, w.spool, w.size, w.key)
                     else:
                         try:
                             form.spec = part.text.decode("utf-8")

@@ -7,7 +7,6 @@ import io
 import re
 from collections import Counter
 from dataclasses import dataclass
-from typing import BinaryIO
 
 from pydantic import ValidationError
 from sqlalchemy.orm import Session
@@ -15,22 +14,13 @@ from sqlalchemy.orm import Session
 from api.db import Job, OutboxMessage
 from api.auth import Caller, audit
 from api.checker import CheckLimits, DatasetSummary, check_dataset
+from api.intake import Upload
 from api.validation import InputError, UploadLimits, archive_kind, check_model_upload
 from jobs import splits
 from jobs.events import EventType, JobEvent, JobState, utcnow
 from jobs.settings import Settings
 from jobs.spec import JobInputs, JobMessage, JobSpec, Task
 from models_store import ModelStore, VersionInfo
-
-
-@dataclass
-class Upload:
-    """One uploaded file: stored under `key`, and spooled to disk (`file`) for the checks."""
-
-    filename: str
-    file: BinaryIO
-    size: int
-    key: str
 
 
 @dataclass

@@ -10,16 +10,16 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Path, Query, Request, status
 from fastapi.responses import RedirectResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
 from sqlalchemy import bindparam, select
+from starlette.concurrency import run_in_threadpool
 
+from api import intake
 from api.auth import Caller, Reader, Role, Submitter, audit, require
 from api.db import Job, OutboxMessage
 from api.deps import SessionDep, SettingsDep, TenantStoreDep
 from api.event_stream import job_event_stream, parse_last_event_id
 from api.schemas import JobCreated, JobList, JobOut, Progress
-from api import intake
-from api.submissions import Upload, Uploads, input_key, parse_spec, submit_job
+from api.submissions import Uploads, input_key, parse_spec, submit_job
 from api.job_events import settle
 from jobs.events import ControlCommand, JobState
 from jobs.lifecycle import Outcome
@@ -56,8 +56,7 @@ async def create_job(request: Request, caller: Submitter, session: SessionDep, s
         form = await intake.receive_form(
             request, store, partial(input_key, store, job_id), settings.max_spec_bytes, settings.max_upload_bytes,
             on_spec=partial(parse_spec, settings=settings))  # a bad spec is refused before the files are read
-        files = {name: Upload(f.filename, f.file, f.size, f.key) for name, f in form.files.items()}
-        job = await run_in_threadpool(submit_job, job_id, form.spec, Uploads(**files), store, session, settings, caller)
+        job = await run_in_threadpool(submit_job, job_id, form.spec, Uploads(**form.files), store, session, settings, caller)
     except BaseException:
         await run_in_threadpool(store.delete_prefix, store.job_prefix(job_id))
         raise
