@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from minio.error import S3Error, ServerError
-from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from urllib3.exceptions import HTTPError as Urllib3Error
@@ -193,6 +193,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             return JSONResponse({"detail": {"field": "path", "error": "the stored object is gone"}}, status_code=404)
         log.error("store refused a request: %s", err)
         return JSONResponse({"detail": {"field": "store", "error": f"the object store refused the request ({err.code})"}}, status_code=502)
+
+    # A value the database cannot hold (PostgreSQL text takes no NUL character): the client's, a 422.
+    # The routes' own patterns refuse such values first; this is the net under them.
+    @app.exception_handler(DataError)
+    async def database_refused_value(_request: Request, err: DataError):
+        log.warning("the database refused a value: %s", err.orig)
+        return JSONResponse({"detail": {"field": "body", "error": "a value the database cannot store (e.g. a NUL character)"}},
+                            status_code=422)
 
     # The database away (a server that does not answer, SQLite locked for longer than its timeout).
     for error_class in (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError):

@@ -181,6 +181,7 @@ def trainable_csv(pairs) -> str:
     """A classification CSV of (audio, label) pairs the built-in trainers can split (jobs/splits.py):
     each pair once for training and once for validation, so one clip of each of two classes makes
     a job the API accepts (with no split column, a class needs three clips)."""
+    pairs = list(pairs)
     return "audio,label,split\n" + "".join(f"{audio},{label},{split}\n" for split in ("train", "validation") for audio, label in pairs)
 
 

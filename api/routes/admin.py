@@ -68,7 +68,7 @@ def list_keys(_caller: Admin, session: SessionDep, tenant: Annotated[str | None,
 
 
 @router.delete("/keys/{key_id}", status_code=status.HTTP_204_NO_CONTENT)
-def delete_key(key_id: Annotated[str, Path(max_length=32)], request: Request, caller: Admin, session: SessionDep) -> None:
+def delete_key(key_id: Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,32}$", max_length=32)], request: Request, caller: Admin, session: SessionDep) -> None:
     if not revoke_key(session, key_id):
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail={"field": "key_id", "error": f"no active key {key_id[:32]!r}"})
     request.app.state.keys.forget(key_id)
@@ -79,7 +79,7 @@ def delete_key(key_id: Annotated[str, Path(max_length=32)], request: Request, ca
 def read_audit(
     _caller: Admin, session: SessionDep,
     tenant: Annotated[str | None, Query(pattern=TENANT_PATTERN)] = None,
-    action: Annotated[str | None, Query(max_length=32)] = None,
+    action: Annotated[str | None, Query(pattern=r"^[a-z][a-z._-]{0,31}$", max_length=32, description="e.g. job.submit")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AuditOut]:
     """The newest entries first."""

@@ -27,7 +27,7 @@ from jobs.lifecycle import Outcome
 # Every route needs a key that may read (api/auth.py); the ones that change something say more.
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[Depends(require(Role.read))])
 
-JobId = Annotated[str, Path(max_length=64, description="the id POST /v1/jobs answered")]
+JobId = Annotated[str, Path(pattern=r"^[A-Za-z0-9-]{1,64}$", max_length=64, description="the id POST /v1/jobs answered")]
 OutputName = Annotated[str, Path(max_length=255, description="one of the job's outputs")]
 # A cursor is the URL-safe base64 of a job's seq (a positive integer that fits SQLite's INTEGER).
 Cursor = Annotated[str | None, Query(max_length=32, description="next_cursor of the previous page")]
