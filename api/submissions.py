@@ -169,10 +169,10 @@ def _check_splits(spec: JobSpec, summary: DatasetSummary, filename: str) -> None
     naming it and its first row."""
     given = spec.hyperparameters.for_trainer()
     fractions = {}
-    for name, default in (("validation_fraction", splits.VALIDATION_FRACTION), ("test_fraction", splits.TEST_FRACTION)):
+    for name, default, lowest in (("validation_fraction", splits.VALIDATION_FRACTION, 1e-9), ("test_fraction", splits.TEST_FRACTION, 0)):
         value = given.get(name, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            return  # not a number: the trainer's own argument check names it
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not lowest <= value < 0.5:
+            return  # not a fraction the trainer takes (its args.py bounds): its own argument check names it
         fractions[name] = float(value)
     refusal = splits.split_refusal({split: Counter(counts) for split, counts in summary.by_split.items()}, **fractions)
     if refusal is not None:
