@@ -143,12 +143,11 @@ class Database:
         # costs more than the read. PostgreSQL: psycopg's asyncio driver, so the loop never waits
         # on the network. SQLite: a local file in WAL mode, where a reader does not wait for a
         # writer; its own engine gives up after READ_ON_LOOP_TIMEOUT_S when the file is locked anyway.
-        if self.engine.dialect.name == "postgresql":
-            self.loop_engine: AsyncEngine | Engine = create_async_engine(self.engine.url)
+        if self.engine.dialect.name == "sqlite":
+            self.loop_engine: AsyncEngine | Engine = create_engine(url, connect_args={"timeout": READ_ON_LOOP_TIMEOUT_S})
+            event.listen(self.loop_engine, "connect", _sqlite_pragmas)
         else:
-            self.loop_engine = create_engine(url, connect_args={"timeout": READ_ON_LOOP_TIMEOUT_S} if url.startswith("sqlite") else {})
-            if url.startswith("sqlite"):
-                event.listen(self.loop_engine, "connect", _sqlite_pragmas)
+            self.loop_engine = create_async_engine(self.engine.url)
 
     def session(self) -> Iterator[Session]:
         with self.sessions() as session:

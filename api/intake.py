@@ -23,7 +23,8 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from functools import partial
+from typing import Any, BinaryIO
 
 from fastapi import Request
 from python_multipart.exceptions import FormParserError
@@ -70,7 +71,7 @@ class Upload:
 
 @dataclass
 class Form:
-    spec: str
+    spec: Any  # what `parse_spec` made of the spec field's text
     files: dict[str, Upload] = field(default_factory=dict)
 
 
@@ -209,11 +210,11 @@ class _Part:
 
 
 async def receive_form(request: Request, store: ModelStore, key_for: Callable[[str, str, bytes], str],
-                       max_spec_bytes: int, max_upload_bytes: int, on_spec: Callable[[str], None] | None = None) -> Form:
+                       max_spec_bytes: int, max_upload_bytes: int, parse_spec: Callable[[str], Any] = str) -> Form:
     """The form of POST /v1/jobs, its files stored under `key_for(field, filename, head)` as they
-    arrive. `on_spec` is called with the spec as soon as it is whole (before any later file is
-    read), so a bad spec is refused at once. On any error every object begun is removed from
-    the store again (the caller deletes the job's prefix; the uploads are stopped first)."""
+    arrive. The spec's text is handed to `parse_spec` as soon as it is whole (before any later
+    file is read), so a bad spec is refused at once; its result is the form's `spec`. On any
+    error every upload begun is stopped (the caller then deletes the job's prefix)."""
     content_type, options = parse_options_header(request.headers.get("content-type", ""))
     if content_type != b"multipart/form-data" or not options.get(b"boundary"):
         raise InputError("body", "send the job as multipart/form-data (the spec field and the files)")
@@ -251,7 +252,7 @@ async def receive_form(request: Request, store: ModelStore, key_for: Callable[[s
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
         "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data, "on_part_end": on_part_end,
     })
-    form = Form(spec="")
+    form = Form(spec=None)
     seen: set[str] = set()  # fields begun ...
     finished: set[str] = set()  # ... and ended
     writers: list[_StoreWriter] = []
@@ -284,11 +285,10 @@ async def receive_form(request: Request, store: ModelStore, key_for: Callable[[s
                         form.files[part.name] = Upload(part.filename, w.spool, w.size, w.key)
                     else:
                         try:
-                            form.spec = part.text.decode("utf-8")
+                            text = part.text.decode("utf-8")
                         except UnicodeDecodeError as err:
                             raise InputError(SPEC_FIELD, f"is not UTF-8 text (byte {err.start} is invalid)") from None
-                        if on_spec is not None:
-                            on_spec(form.spec)
+                        form.spec = parse_spec(text)
             events.clear()
         try:
             parser.finalize()
@@ -325,6 +325,6 @@ def _begin(part: _Part, seen: set[str], store: ModelStore, key_for, writers: lis
         raise InputError(name, "must be a file (a part with a filename)")
     part.filename = filename.decode("utf-8", "replace")[:255] or "upload"
     content_type = "text/csv" if name in ("dataset", "heldout") else "application/octet-stream"
-    part.writer = _StoreWriter(store, lambda head, n=name, f=part.filename: key_for(n, f, head), content_type)
+    part.writer = _StoreWriter(store, partial(key_for, name, part.filename), content_type)
     writers.append(part.writer)
     part.writer.start()

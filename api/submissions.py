@@ -5,7 +5,6 @@ the store or on Kafka: its inputs are deleted again."""
 
 import io
 import re
-from collections import Counter
 from dataclasses import dataclass
 
 from pydantic import ValidationError
@@ -94,11 +93,11 @@ def input_key(store: ModelStore, job_id: str, field: str, filename: str, head: b
     return f"{prefix}{field}.{'zip' if kind == 'zip' else 'tar'}"
 
 
-def submit_job(job_id: str, spec_text: str, uploads: Uploads, store: ModelStore, session: Session, settings: Settings,
+def submit_job(job_id: str, spec: JobSpec, uploads: Uploads, store: ModelStore, session: Session, settings: Settings,
                caller: Caller) -> Job:
     """The job, checked and committed; raises the InputError of the first check that refused it.
-    Either way the uploads' objects are the caller's to delete when no job is returned."""
-    spec = parse_spec(spec_text, settings)  # this app's bounds, before any upload is looked at
+    `spec` is parse_spec's (the intake parsed it as it arrived, within this app's bounds). Either
+    way the uploads' objects are the caller's to delete when no job is returned."""
     dataset, audio, model = uploads.dataset, uploads.audio, uploads.model
     for field, upload in uploads.present():
         if upload.size > settings.max_upload_bytes:
@@ -168,13 +167,13 @@ def _check_splits(spec: JobSpec, summary: DatasetSummary, filename: str) -> None
     later in the trainer: a class too small to hold out its validation and test clips is a 422
     naming it and its first row."""
     given = spec.hyperparameters.for_trainer()
-    fractions = {}
-    for name, default, lowest in (("validation_fraction", splits.VALIDATION_FRACTION, 1e-9), ("test_fraction", splits.TEST_FRACTION, 0)):
-        value = given.get(name, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not lowest <= value < 0.5:
-            return  # not a fraction the trainer takes (its args.py bounds): its own argument check names it
-        fractions[name] = float(value)
-    refusal = splits.split_refusal({split: Counter(counts) for split, counts in summary.by_split.items()}, **fractions)
+    fractions = {name: given.get(name, default) for name, default in
+                 (("validation_fraction", splits.VALIDATION_FRACTION), ("test_fraction", splits.TEST_FRACTION))}
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in fractions.values()):
+        return  # not numbers: the trainer's own argument check names them
+    if not (0 < fractions["validation_fraction"] < 0.5 and 0 <= fractions["test_fraction"] < 0.5):
+        return  # outside the trainer's bounds (its args.py): its own check names them
+    refusal = splits.split_refusal(summary.by_split, **fractions)
     if refusal is not None:
         label, why = refusal
         raise InputError("dataset", why, row=summary.first_rows.get(label), file=filename)

@@ -38,7 +38,7 @@ def _take(counts: Counter, fraction: float, keep_min: int, purpose: str) -> tupl
     return kept, taken
 
 
-def split_refusal(by_split: dict[str, Counter], validation_fraction: float = VALIDATION_FRACTION,
+def split_refusal(by_split: dict[str, dict[str, int]], validation_fraction: float = VALIDATION_FRACTION,
                   test_fraction: float = TEST_FRACTION) -> tuple[str, str] | None:
     """`by_split`: clips per class for each split of the CSV ('train', 'validation', 'test', and
     '' for rows it leaves unassigned). Returns (class, why) for the first class the trainer

@@ -55,7 +55,7 @@ async def create_job(request: Request, caller: Submitter, session: SessionDep, s
     try:
         form = await intake.receive_form(
             request, store, partial(input_key, store, job_id), settings.max_spec_bytes, settings.max_upload_bytes,
-            on_spec=partial(parse_spec, settings=settings))  # a bad spec is refused before the files are read
+            parse_spec=partial(parse_spec, settings=settings))  # a bad spec is refused before the files are read
         job = await run_in_threadpool(submit_job, job_id, form.spec, Uploads(**form.files), store, session, settings, caller)
     except BaseException:
         await run_in_threadpool(store.delete_prefix, store.job_prefix(job_id))

@@ -70,7 +70,7 @@ def test_the_spec_is_handed_over_before_the_files_are_read():
 
     store = DictStore()
     with pytest.raises(InputError):
-        receive(Request(body(("spec", None, b"{}"), ("dataset", "d.csv", b"x" * 100_000)), 512), store, on_spec=on_spec)
+        receive(Request(body(("spec", None, b"{}"), ("dataset", "d.csv", b"x" * 100_000)), 512), store, parse_spec=on_spec)
     assert seen == ["{}"] and store.objects == {}
 
 
