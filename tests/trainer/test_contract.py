@@ -17,7 +17,7 @@ from worker.runners.docker import DockerRunner
 SWALLOWING_JOB = textwrap.dedent("""
     import os, signal, sys, threading, time
     sys.path.insert(0, {path!r})
-    from audio_trainer.contract import run_main
+    from trainer_core.contract import run_main
 
     def job(paths):
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()

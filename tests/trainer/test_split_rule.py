@@ -21,7 +21,7 @@ import json, sys
 sys.path[:0] = [sys.argv[1]]
 from audio_trainer.args import TrainingArguments
 from audio_trainer.data import Clip, make_splits
-from audio_trainer.errors import TrainerError
+from trainer_core.errors import TrainerError
 from hf_audio.args import FineTuningArguments
 cases = json.load(sys.stdin)
 answers, notes = [], None

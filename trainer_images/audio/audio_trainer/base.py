@@ -19,9 +19,9 @@ import torch
 from safetensors.torch import load_file
 
 from . import FORMAT
-from .errors import TrainerError
+from trainer_core.errors import TrainerError
 from .model import KeywordCNN, ModelConfig
-from .progress import log
+from trainer_core.progress import log
 
 _ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
 

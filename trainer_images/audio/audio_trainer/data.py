@@ -22,7 +22,7 @@ import soundfile as sf
 from scipy.signal import resample_poly
 
 from . import SAMPLE_RATE
-from .errors import TrainerError
+from trainer_core.errors import TrainerError
 
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {

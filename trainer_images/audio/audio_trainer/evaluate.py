@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from .progress import log  # noqa: E402
+from trainer_core.progress import log  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
     accuracy_score,
     classification_report,
@@ -141,7 +141,7 @@ def held_out_report(splits, state, eval_clips, logits: np.ndarray, out_dir: Path
         "eval_size": len(eval_clips),
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,
-        "best_val_loss": state.best_val_loss,
+        "best_val_loss": state.best_record().get("val_loss"),
         "num_labels": len(splits.labels),
         "eval_split": splits.eval_split,
         "stop_reason": state.stop_reason,

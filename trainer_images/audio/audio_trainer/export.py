@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .errors import TrainerError
+from trainer_core.errors import TrainerError
 from .model import KeywordCNN
-from .progress import log
+from trainer_core.progress import log
 
 ONNX_OPSET = 17
 

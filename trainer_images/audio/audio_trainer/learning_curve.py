@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from .data import Clip
-from .errors import TrainerError
-from .progress import log, phase
+from trainer_core.errors import TrainerError
+from trainer_core.progress import log, phase
 
 METRICS = ("macro_f1", "accuracy")
 FORMULA = "m(n) = a - b * (n / n_full)^(-c)"

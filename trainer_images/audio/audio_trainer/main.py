@@ -5,7 +5,8 @@
 3. Read dataset.csv (and the validation channel's), decode every clip to 16 kHz mono in memory.
 4. Split: honour the `split` column / validation channel, otherwise stratify with a fixed seed.
 5. Build the model (from the base config when continuing) and copy the base weights in.
-6. Train with augmentation, early stopping on validation, a checkpoint every epoch.
+6. Train with augmentation, early stopping on validation (never before min_steps optimizer steps),
+   a checkpoint every epoch (trainer_core/fit.py).
 7. Evaluate the best weights on the test split (validation if none) and plot.
    With `learning_curve=true`, train the same recipe on stratified 25% and 50% subsets of the
    training split, fit a saturating curve and extrapolate to more data (learning_curve.py).
@@ -25,10 +26,12 @@ import time
 
 import numpy as np
 
+from trainer_core.args import Paths
+from trainer_core.contract import run_main
+from trainer_core.progress import log
+
 from . import FORMAT, SAMPLE_RATE
-from .args import Paths, TrainingArguments, parse_hyperparameters
-from .contract import run_main
-from .progress import log
+from .args import TrainingArguments, parse_hyperparameters
 
 
 def _fingerprint(args: TrainingArguments, splits, base) -> str:
@@ -47,11 +50,13 @@ def _fingerprint(args: TrainingArguments, splits, base) -> str:
 def run(paths: Paths) -> dict:
     import torch  # imported here so argument errors are reported before torch's import cost
 
+    from trainer_core.fit import Runtime
+
     from .base import initialise_from_base, load_base
     from .data import load_audio, make_splits, read_manifest
     from .evaluate import held_out_report, predict
     from .export import copy_plots, export_onnx, save_weights, write_card
-    from .loop import Runtime, train
+    from .loop import train
     from .model import KeywordCNN, ModelConfig
 
     started = time.monotonic()
@@ -64,7 +69,7 @@ def run(paths: Paths) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    runtime = Runtime.choose(args, paths.num_gpus, paths.num_cpus)
+    runtime = Runtime.choose(args.mixed_precision, paths.num_gpus, paths.num_cpus)
     job = paths.job()
 
     # 2. The base model, if any: only this trainer's own format.
@@ -116,8 +121,9 @@ def run(paths: Paths) -> dict:
     log(f"training window: {clip_samples / SAMPLE_RATE:.2f} s")
 
     # 6. Training.
-    state = train(model, splits.train, splits.validation, clip_samples, args, runtime,
-                  paths.checkpoint_dir, _fingerprint(args, splits, base))
+    state, run_plan = train(model, splits.train, splits.validation, clip_samples, args, runtime,
+                            paths.checkpoint_dir, _fingerprint(args, splits, base))
+    splits.notes += run_plan.notes
     train_seconds = time.monotonic() - started
 
     # 7. Evaluation on held-out data.
@@ -141,8 +147,8 @@ def run(paths: Paths) -> dict:
             if base is not None:
                 initialise_from_base(sub_model, base)
             sub_splits = dataclasses.replace(splits, train=subset)
-            sub_state = train(sub_model, subset, splits.validation, clip_samples, args, runtime,
-                              paths.checkpoint_dir / tag, _fingerprint(args, sub_splits, base) + tag)
+            sub_state, _ = train(sub_model, subset, splits.validation, clip_samples, args, runtime,
+                                 paths.checkpoint_dir / tag, _fingerprint(args, sub_splits, base) + tag)
             sub_model.to("cpu")
             sub_logits = predict(sub_model, [c.audio for c in eval_clips], torch.device("cpu"), args.batch_size)
             y_true = np.array([splits.labels.index(c.label) for c in eval_clips])

@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .contract import write_failure
+from trainer_core.contract import write_failure
 from .data import decode, read_manifest, resolve_clip
-from .errors import TrainerError
-from .progress import log
+from trainer_core.errors import TrainerError
+from trainer_core.progress import log
 
 
 def score(model_dir: Path, clips, audio: list[np.ndarray], labels: list[str]) -> dict:

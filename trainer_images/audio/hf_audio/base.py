@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from audio_trainer.errors import TrainerError
-from audio_trainer.progress import log
+from trainer_core.errors import TrainerError
+from trainer_core.progress import log
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 SAFE_LOAD = {"trust_remote_code": False, "local_files_only": True}

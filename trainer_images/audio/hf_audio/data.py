@@ -19,7 +19,7 @@ from scipy.signal import resample_poly
 
 from audio_trainer import SAMPLE_RATE
 from audio_trainer.data import Clip, resolve_clip, decode, load_audio
-from audio_trainer.errors import TrainerError
+from trainer_core.errors import TrainerError
 
 
 def _resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:

@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from audio_trainer.args import Paths
-from audio_trainer.contract import run_main
-from audio_trainer.errors import TrainerError
-from audio_trainer.progress import log
+from trainer_core.args import Paths
+from trainer_core.contract import run_main
+from trainer_core.errors import TrainerError
+from trainer_core.progress import log
 
 from . import METHOD
 
@@ -81,7 +81,7 @@ def run(paths: Paths) -> dict:
     from audio_trainer.data import make_splits, read_manifest
     from audio_trainer.evaluate import held_out_report
     from audio_trainer.export import copy_plots
-    from audio_trainer.loop import Runtime
+    from trainer_core.fit import Runtime
 
     from .args import parse_hyperparameters
     from .base import inspect_base, load_feature_extractor, load_model
@@ -95,7 +95,7 @@ def run(paths: Paths) -> dict:
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    runtime = Runtime.choose(args, paths.num_gpus, paths.num_cpus)
+    runtime = Runtime.choose(args.mixed_precision, paths.num_gpus, paths.num_cpus)
     job = paths.job()
 
     # 2. The base model: refused before anything is loaded if it would run code.
@@ -132,8 +132,9 @@ def run(paths: Paths) -> dict:
     collator = Collator(feature_extractor, model)
 
     # 6. Fine-tuning.
-    state = train(model, collator, splits.train, splits.validation, splits.labels, args, runtime,
-                  paths.checkpoint_dir, _fingerprint(args, splits, base))
+    state, run_plan = train(model, collator, splits.train, splits.validation, splits.labels, args, runtime,
+                            paths.checkpoint_dir, _fingerprint(args, splits, base))
+    splits.notes += run_plan.notes
     train_seconds = time.monotonic() - started
 
     # 7. Evaluation on held-out data.

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from audio_trainer.contract import run_main
+from trainer_core.contract import run_main
 
 from . import FORMAT, SAMPLE_RATE
 from .common import (

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from audio_trainer.args import Paths, read_arguments
-from audio_trainer.errors import TrainerError
-from audio_trainer.progress import emit_progress
+from trainer_core.args import Paths, read_arguments
+from trainer_core.errors import TrainerError
+from trainer_core.progress import emit_progress
 
 from . import SAMPLE_RATE
 from .audio_io import decode

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from audio_trainer.contract import run_main
+from trainer_core.contract import run_main
 
 from . import SAMPLE_RATE
 from .audio_io import decode
