@@ -36,7 +36,9 @@ for tool in ("espeak-ng", "sox", "ffmpeg"):
 
 # A small wav2vec2 that a contended 2-core CPU trains for a few epochs in about a minute.
 SMALL = {"conv_channels": "32", "hidden_size": "96", "num_hidden_layers": "2", "intermediate_size": "192"}
-HPS = {**SMALL, "epochs": "4", "batch_size": "4", "learning_rate": "0.002", "seed": "0", "patience": "4"}
+# At this budget the model may still emit only blanks: it is stored with a warning (the default fails).
+HPS = {**SMALL, "epochs": "4", "batch_size": "4", "learning_rate": "0.002", "seed": "0", "patience": "4",
+       "on_blank_collapse": "warn"}
 N_TRAIN_PER_VOICE, N_TEST_PER_VOICE = 6, 3
 
 
@@ -192,11 +194,28 @@ def test_fresh_asr_reports_wer_and_cer_on_the_held_out_voices(fresh):
     lines = progress_lines(result.stdout)
     assert [line["epoch"] for line in lines] == list(range(1, int(HPS["epochs"]) + 1))
     for line in lines:
-        assert set(line["metrics"]) == {"train_loss", "val_loss", "val_wer", "val_cer"}
+        assert {"train_loss", "val_loss", "val_wer", "val_cer", "val_empty"} <= set(line["metrics"])
     assert (ws.output / "training_curves.png").read_bytes().startswith(b"\x89PNG")
     card = (ws.model / "README.md").read_text()
     assert "WER" in card and "CER" in card  # the card states the figures, the split and its size
     assert f"test {metrics['test_size']}" in card
+    empty = sum(not e["prediction"] for e in metrics["examples"]) / len(metrics["examples"])
+    assert 0 <= metrics["empty_transcriptions"] <= 1
+    if metrics["empty_transcriptions"] >= 0.9:  # stored despite the collapse (on_blank_collapse=warn): said so
+        assert empty >= 0.5, metrics["examples"]
+        assert any("collapsed to blanks" in w for w in metrics["warnings"]) and "collapsed to blanks" in card
+
+
+def test_a_model_that_collapses_to_blanks_fails_with_that_reason(digits, tmp_path):
+    """Two epochs from scratch leave a fresh CTC model on the all-blank plateau (every held-out clip
+    transcribed as nothing): by default that is a failed job naming the collapse, and no model."""
+    hps = {k: v for k, v in HPS.items() if k != "on_blank_collapse"} | {"epochs": "2"}
+    ws = Workspace(tmp_path / "ws", "asr", digits, hps)
+    result = ws.run()
+    assert result.returncode == 1, result.stderr[-3000:]
+    reason = ws.failure.read_text()
+    assert "collapsed to blanks" in reason and "of the test clips" in reason and "on_blank_collapse=warn" in reason
+    assert not any(ws.model.iterdir()), "a collapsed model is not stored"
 
 
 def test_artifact_is_a_safetensors_directory_the_asr_pipeline_loads(fresh, digits):
@@ -225,7 +244,7 @@ def test_rerun_resumes_from_the_checkpoint(fresh):
     before = ws.metrics()
     result = ws.run()
     must_succeed(ws, result)
-    assert "resumed from the checkpoint" in result.stderr
+    assert "resumed from checkpoint after epoch" in result.stderr
     assert progress_lines(result.stdout) == []  # every epoch was done: nothing left to train
     after = ws.metrics()
     # The best weights come back from the checkpoint: the same model, the same figures.
