@@ -1,4 +1,4 @@
-"""The contract's ending (audio_trainer/contract.py): a SIGTERM — the worker cancelling a job,
+"""The contract's ending (trainer_core/contract.py): a SIGTERM — the worker cancelling a job,
 or its deadline — stops a trainer at any moment of its run, however the code it is inside
 handles errors; the run ends with the SIGTERM reason, never as a success."""
 

@@ -159,7 +159,7 @@ def test_video_decodes_to_the_same_audio(digits, tmp_path):
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-i", str(video), "-c", "copy", str(mkv)], check=True)
     out = in_trainer_env(f"""
         import numpy as np
-        from speech.audio_io import decode
+        from trainer_core.audio import decode
         a, v, k = decode({str(wav)!r}), decode({str(video)!r}), decode({str(mkv)!r})
         n = min(len(a), len(v))
         # AAC delays and pads a little: compare the envelope correlation, not samples.

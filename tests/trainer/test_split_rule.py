@@ -20,13 +20,14 @@ TRAINER_SIDE = """
 import json, sys
 sys.path[:0] = [sys.argv[1]]
 from audio_trainer.args import TrainingArguments
-from audio_trainer.data import Clip, make_splits
+from audio_trainer.data import make_splits
+from trainer_core.manifest import Clip
 from trainer_core.errors import TrainerError
 from hf_audio.args import FineTuningArguments
 cases = json.load(sys.stdin)
 answers, notes = [], None
 for by_split, fv, ft in cases:
-    clips = [Clip(f"{label}{split}{i}.wav", label, split, 2 + i, "train")
+    clips = [Clip(f"{label}{split}{i}.wav", split, 2 + i, "train", label=label)
              for split, counts in by_split.items() for label, n in counts.items() for i in range(n)]
     try:
         made = make_splits(clips, fv, ft, seed=0)

@@ -18,10 +18,12 @@ from pathlib import Path, PurePosixPath
 import torch
 from safetensors.torch import load_file
 
-from . import FORMAT
 from trainer_core.errors import TrainerError
-from .model import KeywordCNN, ModelConfig
+from trainer_core.model_dir import find_config_dir
 from trainer_core.progress import log
+
+from . import FORMAT
+from .model import KeywordCNN, ModelConfig
 
 _ARCHIVES = (".tar.gz", ".tgz", ".tar", ".zip")
 
@@ -58,12 +60,9 @@ def _safe_extract(archive: Path, dest: Path) -> None:
         tf.extractall(dest, members=members, filter="data")
 
 
-def _find_config(root: Path) -> Path | None:
-    """config.json at the top, or one level down (an archive of a folder)."""
-    if (root / "config.json").is_file():
-        return root / "config.json"
-    found = sorted(root.glob("*/config.json"))
-    return found[0] if len(found) == 1 else None
+def _config_in(root: Path) -> Path | None:
+    found = find_config_dir(root)
+    return found / "config.json" if found is not None else None
 
 
 def load_base(channel: Path) -> BaseModel:
@@ -77,7 +76,7 @@ def _load_base(channel: Path, workdir: Path) -> BaseModel:
     files = sorted(p.relative_to(channel).as_posix() for p in channel.rglob("*") if p.is_file())
     if not files:
         raise TrainerError("The model channel is empty: a base model was requested but no files were staged.")
-    config_path = _find_config(channel)
+    config_path = _config_in(channel)
     if config_path is None:
         archives = [channel / f for f in files if f.lower().endswith(_ARCHIVES)]
         if len(archives) == 1:
@@ -87,7 +86,7 @@ def _load_base(channel: Path, workdir: Path) -> BaseModel:
                 _safe_extract(archives[0], extract_to)
             except (tarfile.TarError, zipfile.BadZipFile, OSError) as e:
                 raise TrainerError(f"Base model archive {archives[0].name} could not be extracted: {e}") from None
-            config_path = _find_config(extract_to)
+            config_path = _config_in(extract_to)
     shown = ", ".join(files[:12]) + (" ..." if len(files) > 12 else "")
     if config_path is None:
         raise TrainerError(

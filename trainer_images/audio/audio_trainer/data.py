@@ -1,4 +1,5 @@
-"""Data: read the CSV manifest, decode every clip once into memory, assign train/validation/test.
+"""Data: assign the clips (trainer_core.manifest, decoded once into memory by
+trainer_core.audio) to train/validation/test.
 
 Data sets for this trainer are small enough (minutes to a few hours of audio) that decoding once
 and keeping float32 waveforms in RAM is both simpler and much faster than decoding per epoch.
@@ -6,41 +7,13 @@ and keeping float32 waveforms in RAM is both simpler and much faster than decodi
 
 from __future__ import annotations
 
-import csv
-import random
-import shutil
-import subprocess
-from collections import Counter, defaultdict
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 import math
-from math import gcd
-from pathlib import Path
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 
-import numpy as np
-import soundfile as sf
-from scipy.signal import resample_poly
-
-from . import SAMPLE_RATE
 from trainer_core.errors import TrainerError
-
-SPLITS = ("train", "validation", "test")
-_SPLIT_ALIASES = {
-    "train": "train", "training": "train",
-    "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation",
-    "test": "test", "testing": "test", "eval": "test",
-    "": "",  # unassigned: the trainer decides
-}
-
-
-@dataclass
-class Clip:
-    path: str  # as written in the CSV
-    label: str
-    split: str  # "train" | "validation" | "test" | "" (unassigned)
-    row: int  # 1-based line number in its CSV (the header is line 1)
-    source: str  # "train" or "validation" channel
-    audio: np.ndarray | None = None  # float32 mono 16 kHz
+from trainer_core.manifest import Clip
 
 
 @dataclass
@@ -54,114 +27,6 @@ class Splits:
 
     def sizes(self) -> dict[str, int]:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
-
-
-def read_manifest(channel: Path, source: str) -> list[Clip]:
-    """Read `<channel>/dataset.csv`: columns audio,label and optionally split."""
-    csv_path = channel / "dataset.csv"
-    if not csv_path.is_file():
-        others = sorted(p.name for p in channel.glob("*.csv"))
-        hint = f" (found {', '.join(others)})" if others else ""
-        raise TrainerError(f"The {source} channel has no dataset.csv{hint}; it must hold dataset.csv with columns audio,label.")
-    try:
-        with csv_path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip().lower() for h in (reader.fieldnames or [])]
-            missing = [c for c in ("audio", "label") if c not in header]
-            if missing:
-                raise TrainerError(
-                    f"{source}/dataset.csv: header {reader.fieldnames!r} lacks the column(s) {', '.join(missing)}; "
-                    "expected audio,label[,split]."
-                )
-            reader.fieldnames = header
-            clips = []
-            for row in reader:
-                line = reader.line_num
-                audio = (row.get("audio") or "").strip()
-                label = (row.get("label") or "").strip()
-                split_raw = (row.get("split") or "").strip().lower()
-                if not audio and not label:
-                    continue  # blank line
-                if not audio:
-                    raise TrainerError(f"{source}/dataset.csv line {line}: the audio column is empty.")
-                if not label:
-                    raise TrainerError(f"{source}/dataset.csv line {line} ({audio}): the label column is empty.")
-                if split_raw not in _SPLIT_ALIASES:
-                    raise TrainerError(
-                        f"{source}/dataset.csv line {line} ({audio}): split {split_raw!r} is not one of train, validation, test."
-                    )
-                clips.append(Clip(audio, label, _SPLIT_ALIASES[split_raw], line, source))
-    except UnicodeDecodeError as e:
-        raise TrainerError(f"{source}/dataset.csv is not UTF-8 text ({e}).") from None
-    except csv.Error as e:
-        raise TrainerError(f"{source}/dataset.csv could not be parsed as CSV: {e}") from None
-    if not clips:
-        raise TrainerError(f"{source}/dataset.csv has no rows.")
-    return clips
-
-
-def resolve_clip(channel: Path, clip: Clip) -> Path:
-    """The clip's file, which must lie inside its channel folder (no absolute paths, no '..')."""
-    rel = Path(clip.path)
-    where = f"{clip.source}/dataset.csv line {clip.row}"
-    if rel.is_absolute() or ".." in rel.parts:
-        raise TrainerError(f"{where}: audio path {clip.path!r} must be relative to the channel folder, without '..'.")
-    path = channel / rel
-    if not path.is_file():
-        raise TrainerError(f"{where}: audio file {clip.path!r} does not exist in the {clip.source} channel.")
-    return path
-
-
-def _ffmpeg_decode(path: Path) -> np.ndarray:
-    """Formats libsndfile cannot read (mp4, mkv, webm, m4a...): ffmpeg extracts the audio track as
-    16 kHz mono float32."""
-    if shutil.which("ffmpeg") is None:
-        raise RuntimeError("libsndfile cannot read it and ffmpeg is not installed")
-    proc = subprocess.run(
-        ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-vn", "-ac", "1", "-ar", str(SAMPLE_RATE), "-f", "f32le", "-"],
-        capture_output=True,
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or "ffmpeg failed")
-    return np.frombuffer(proc.stdout, dtype=np.float32).copy()
-
-
-def decode(path: Path) -> np.ndarray:
-    """Any audio file -> float32 mono 16 kHz in [-1, 1]."""
-    try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
-        audio = data.mean(axis=1)  # mix down: a keyword is a keyword on either channel
-        if rate != SAMPLE_RATE:
-            g = gcd(int(rate), SAMPLE_RATE)
-            audio = resample_poly(audio, SAMPLE_RATE // g, int(rate) // g).astype(np.float32)
-    except sf.LibsndfileError:
-        audio = _ffmpeg_decode(path)
-    if not np.all(np.isfinite(audio)):
-        raise RuntimeError("it contains NaN or infinite samples")
-    return np.ascontiguousarray(audio, dtype=np.float32)
-
-
-def load_audio(clips: list[Clip], channels: dict[str, Path], workers: int) -> None:
-    """Decode every clip once, in parallel (libsndfile and scipy release the GIL for the heavy parts)."""
-    paths = [resolve_clip(channels[c.source], c) for c in clips]
-
-    def work(i: int):
-        try:
-            return decode(paths[i])
-        except Exception as e:  # noqa: BLE001 - becomes a user-facing reason naming the file
-            clip = clips[i]
-            raise TrainerError(
-                f"{clip.source}/dataset.csv line {clip.row}: audio file {clip.path!r} could not be decoded ({e})."
-            ) from None
-
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for clip, audio in zip(clips, pool.map(work, range(len(clips)))):
-            if audio.size < 400:  # shorter than one 25 ms analysis window
-                raise TrainerError(
-                    f"{clip.source}/dataset.csv line {clip.row}: audio file {clip.path!r} is empty or shorter than 25 ms."
-                )
-            clip.audio = audio
 
 
 def _stratified_take(clips: list[Clip], fraction: float, rng: random.Random, purpose: str, keep_min: int) -> tuple[list[Clip], list[Clip]]:

@@ -22,8 +22,9 @@ import torch
 from safetensors.torch import save_file
 
 from trainer_core.errors import TrainerError
-from .model import KeywordCNN
 from trainer_core.progress import log
+
+from .model import KeywordCNN
 
 ONNX_OPSET = 17
 

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import Clip
 from trainer_core.errors import TrainerError
+from trainer_core.manifest import Clip
 from trainer_core.progress import log, phase
 
 METRICS = ("macro_f1", "accuracy")

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from trainer_core.fit import Checkpoint, Plan, Recipe, Runtime, TrainState, adamw, cosine_schedule, fit, plan
+from trainer_core.manifest import Clip
 
 from .args import TrainingArguments
 from .augment import augment_waveforms, fixed_windows, spec_augment
-from .data import Clip
 from .evaluate import predict, summarise
 from .model import KeywordCNN
 

@@ -50,10 +50,12 @@ def _fingerprint(args: TrainingArguments, splits, base) -> str:
 def run(paths: Paths) -> dict:
     import torch  # imported here so argument errors are reported before torch's import cost
 
+    from trainer_core.audio import load_audio
     from trainer_core.fit import Runtime
+    from trainer_core.manifest import read_manifest
 
     from .base import initialise_from_base, load_base
-    from .data import load_audio, make_splits, read_manifest
+    from .data import make_splits
     from .evaluate import held_out_report, predict
     from .export import copy_plots, export_onnx, save_weights, write_card
     from .loop import train
@@ -78,10 +80,10 @@ def run(paths: Paths) -> dict:
         base = load_base(paths.base_model_dir)
 
     # 3. The data, decoded once.
-    clips = read_manifest(paths.train_dir, "train")
+    clips = read_manifest(paths.train_dir, "train", "label")
     channels = {"train": paths.train_dir}
     if paths.validation_dir is not None:
-        val_rows = read_manifest(paths.validation_dir, "validation")
+        val_rows = read_manifest(paths.validation_dir, "validation", "label")
         for c in val_rows:
             c.split = "validation"  # the validation channel is validation, whatever its split column says
         clips += val_rows

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
+from trainer_core.audio import decode
 from trainer_core.contract import write_failure
-from .data import decode, read_manifest, resolve_clip
 from trainer_core.errors import TrainerError
+from trainer_core.manifest import read_manifest, resolve
 from trainer_core.progress import log
 
 
@@ -57,10 +58,10 @@ def score(model_dir: Path, clips, audio: list[np.ndarray], labels: list[str]) ->
 def run() -> dict:
     data = Path(os.environ.get("SM_INPUT_DIR", "/opt/ml/input")) / "data"
     heldout = Path(os.environ.get("SM_CHANNEL_HELDOUT", data / "heldout"))
-    clips = read_manifest(heldout, "heldout")
+    clips = read_manifest(heldout, "heldout", "label")
     if not clips:
         raise TrainerError("heldout/dataset.csv names no clips")
-    audio = [decode(resolve_clip(heldout, clip)) for clip in clips]  # decoded once, for both models
+    audio = [decode(resolve(heldout, clip)) for clip in clips]  # decoded once, for both models
     labels = sorted({c.label for c in clips})
     scores = {}
     for name in ("challenger", "champion"):

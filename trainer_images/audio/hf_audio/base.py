@@ -1,101 +1,22 @@
-"""The base model: a Hugging Face model directory in the model channel, loaded as data only.
-
-What a model directory may contain is checked before transformers sees it, because loading is
-where code would run: no `auto_map` (custom modelling code fetched or imported by
-trust_remote_code), no Python files, and weights only as safetensors (a `pytorch_model.bin` is a
-pickle, and unpickling runs code). transformers is then called with `trust_remote_code=False`,
-`local_files_only=True` and `use_safetensors=True`, so it can neither import code nor reach a hub.
+"""The base model: a Hugging Face model directory in the model channel, loaded as data only
+(trainer_core/model_dir.py checks it first); transformers is then called with SAFE_LOAD and
+`use_safetensors=True`, so it can neither import code nor reach a hub.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from trainer_core.errors import TrainerError
+from trainer_core.model_dir import SAFE_LOAD, check_model_dir, find_model_dir
 from trainer_core.progress import log
-
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-SAFE_LOAD = {"trust_remote_code": False, "local_files_only": True}
-
 
 @dataclass
 class BaseModel:
     directory: Path
     raw_config: dict  # config.json as uploaded
     labels: list[str]  # the base's own labels when it already is a classifier, else []
-
-
-def find_model_dir(channel: Path) -> Path:
-    """config.json at the top of the channel, or in exactly one folder one level down (an archive
-    of a folder): the same rule as the `train` dispatcher."""
-    if (channel / "config.json").is_file():
-        return channel
-    found = sorted(p.parent for p in channel.glob("*/config.json"))
-    if len(found) == 1:
-        return found[0]
-    files = sorted(p.relative_to(channel).as_posix() for p in channel.rglob("*") if p.is_file())[:12]
-    raise TrainerError(
-        f"The model channel does not hold one Hugging Face model directory (found: {', '.join(files) or 'nothing'}); "
-        "expected config.json, model.safetensors and preprocessor_config.json, at the top or in one folder."
-    )
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise TrainerError(f"Base model {path.name} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise TrainerError(f"Base model {path.name} is not a JSON object.")
-    return value
-
-
-def check_model_dir(directory: Path) -> dict:
-    """Refuse anything that would make loading run code. Returns config.json."""
-    files = sorted(p for p in directory.rglob("*") if p.is_file())
-    names = [p.relative_to(directory).as_posix() for p in files]
-    python = [n for n in names if n.endswith(".py")]
-    if python:
-        raise TrainerError(
-            f"The base model directory contains Python code ({', '.join(python[:5])}). Model uploads are data "
-            "only: custom modelling code is never run here (no trust_remote_code). Upload a model whose "
-            "architecture transformers provides, saved with save_pretrained."
-        )
-    config = _read_json(directory / "config.json")
-    for path in files:
-        # Any JSON a transformers loader reads (config, preprocessor, tokenizer...) may carry an
-        # auto_map; other JSON (labels.json, a list) is only data.
-        if path.suffix == ".json" and path.stat().st_size < 10_000_000:
-            try:
-                doc = json.loads(path.read_text())
-            except (ValueError, UnicodeDecodeError):
-                continue  # not JSON transformers could read either
-            if isinstance(doc, dict) and "auto_map" in doc:
-                raise TrainerError(
-                    f"The base model's {path.relative_to(directory)} has an `auto_map`: it asks for custom code "
-                    f"({', '.join(sorted(doc['auto_map']))}) loaded with trust_remote_code, which is never run here. "
-                    "Upload a model whose architecture transformers provides."
-                )
-    safetensors = [n for n in names if n.endswith(".safetensors")]
-    if not safetensors:
-        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
-        if pickles:
-            raise TrainerError(
-                f"The base model's weights are only a pickle ({', '.join(pickles[:3])}); unpickling can run "
-                "arbitrary code, so it is never loaded. Re-save the model with "
-                "model.save_pretrained(dir, safe_serialization=True) to get model.safetensors."
-            )
-        raise TrainerError(f"The base model directory has no model.safetensors (files: {', '.join(names[:12])}).")
-    if "model_type" not in config:
-        raise TrainerError("The base model's config.json has no `model_type`, so transformers cannot tell its architecture.")
-    if not (directory / "preprocessor_config.json").is_file():
-        raise TrainerError(
-            "The base model directory has no preprocessor_config.json: the feature extractor (sampling rate, "
-            "normalisation) must come with the model. Save it with feature_extractor.save_pretrained(dir)."
-        )
-    return config
 
 
 def _base_labels(config: dict) -> list[str]:
@@ -113,7 +34,9 @@ def _base_labels(config: dict) -> list[str]:
 
 def inspect_base(channel: Path) -> BaseModel:
     directory = find_model_dir(channel)
-    config = check_model_dir(directory)
+    if directory is None:
+        raise TrainerError("Hugging Face fine-tuning needs a base model in the model channel, and it is empty.")
+    config = check_model_dir(directory, required=("preprocessor_config.json",))
     labels = _base_labels(config)
     log(f"base model: {directory} (model_type {config['model_type']}, architectures {config.get('architectures')})"
         + (f", labels {labels}" if labels else ""))

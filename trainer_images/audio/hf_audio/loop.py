@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from audio_trainer.data import Clip
 from audio_trainer.evaluate import summarise
 from trainer_core.fit import Checkpoint, Plan, Recipe, Runtime, TrainState, adamw, fit, linear_schedule, plan
+from trainer_core.manifest import Clip
 from trainer_core.progress import log
 
 from .args import FineTuningArguments

@@ -78,15 +78,17 @@ def verify_with_pipeline(model, model_dir: Path, clips: list[np.ndarray], rate: 
 def run(paths: Paths) -> dict:
     import torch  # imported here so argument errors are reported before torch's import cost
 
-    from audio_trainer.data import make_splits, read_manifest
+    from audio_trainer.data import make_splits
     from audio_trainer.evaluate import held_out_report
     from audio_trainer.export import copy_plots
+    from trainer_core.audio import load_audio
     from trainer_core.fit import Runtime
+    from trainer_core.manifest import read_manifest
 
     from .args import parse_hyperparameters
     from .base import inspect_base, load_feature_extractor, load_model
     from .card import write_card
-    from .data import Collator, load_audio_at
+    from .data import Collator
     from .loop import freeze, predict, train
 
     started = time.monotonic()
@@ -108,15 +110,15 @@ def run(paths: Paths) -> dict:
         raise TrainerError("The base model's feature extractor has no sampling_rate.")
 
     # 3. The data, decoded once at the model's rate.
-    clips = read_manifest(paths.train_dir, "train")
+    clips = read_manifest(paths.train_dir, "train", "label")
     channels = {"train": paths.train_dir}
     if paths.validation_dir is not None:
-        val_rows = read_manifest(paths.validation_dir, "validation")
+        val_rows = read_manifest(paths.validation_dir, "validation", "label")
         for c in val_rows:
             c.split = "validation"  # the validation channel is validation, whatever its split column says
         clips += val_rows
         channels["validation"] = paths.validation_dir
-    load_audio_at(clips, channels, rate, workers=max(2, os.cpu_count() or 1))
+    load_audio(clips, channels, workers=max(2, os.cpu_count() or 1), rate=rate)
     seconds = sum(len(c.audio) for c in clips) / rate
     log(f"decoded {len(clips)} clips ({seconds:.1f} s of audio at {rate} Hz) in {time.monotonic() - started:.1f}s")
 

@@ -34,16 +34,19 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer_core.args import Paths
+from trainer_core.args import Paths, read_arguments
+from trainer_core.audio import load_audio
 from trainer_core.contract import run_main
 from trainer_core.errors import TrainerError
+from trainer_core.manifest import read_manifest
+from trainer_core.model_dir import check_model_dir, find_model_dir
+from trainer_core.progress import log
 
 from . import FORMAT
 from .asr_args import ASRArguments
 from .asr_model import build_model
 from .asr_report import check_pipeline_loads, plot_curves, write_card
 from .asr_splits import make_splits
-from .common import check_model_dir_is_safe, find_model_dir, load_audio, log, parse_arguments, read_manifest
 
 
 def run(paths: Paths) -> dict:
@@ -55,7 +58,7 @@ def run(paths: Paths) -> dict:
 
     started = time.monotonic()
     # 1. Arguments and the machine.
-    args = parse_arguments(ASRArguments, paths)
+    args = read_arguments(ASRArguments, paths)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -63,13 +66,13 @@ def run(paths: Paths) -> dict:
     job = paths.job()
     base_dir = find_model_dir(paths.base_model_dir)
     if base_dir is not None:
-        check_model_dir_is_safe(base_dir)  # before spending time on the data
+        check_model_dir(base_dir)  # before spending time on the data
 
     # 2. Data, decoded once.
-    utts = read_manifest(paths.train_dir, "train", need_text=True)
+    utts = read_manifest(paths.train_dir, "train", "text")
     channels = {"train": paths.train_dir}
     if paths.validation_dir is not None:
-        for u in (val := read_manifest(paths.validation_dir, "validation", need_text=True)):
+        for u in (val := read_manifest(paths.validation_dir, "validation", "text")):
             u.split = "validation"
         utts += val
         channels["validation"] = paths.validation_dir

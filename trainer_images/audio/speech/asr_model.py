@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from trainer_core.errors import TrainerError
+from trainer_core.model_dir import SAFE_LOAD, check_model_dir
 
 from . import SAMPLE_RATE
 from .asr_args import ASRArguments
-from .common import check_model_dir_is_safe
 from .vocab import BOS, DELIMITER, EOS, PAD, UNK, base_is_uppercase, characters, fresh_vocab, merge_vocab, normalise, write_vocab
 
 
@@ -22,11 +22,6 @@ class Built:
     added_chars: list[str]
     base_info: dict | None  # model_type, vocab size, lineage of the base
     notes: list[str]
-
-
-def _unsafe_load_kwargs() -> dict:
-    # Never run code from a model directory, never reach a hub, never unpickle.
-    return {"local_files_only": True, "trust_remote_code": False}
 
 
 def build_model(base_dir: Path | None, train_texts_raw: list[str], args: ASRArguments, work: Path) -> Built:
@@ -68,9 +63,9 @@ def build_model(base_dir: Path | None, train_texts_raw: list[str], args: ASRArgu
         return Built(model, processor, False, [], None, notes)
 
     # A base model: only data is read (config, safetensors, processor files).
-    config_json = check_model_dir_is_safe(base_dir)
+    config_json = check_model_dir(base_dir)
     try:
-        base_tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(str(base_dir), **_unsafe_load_kwargs())
+        base_tokenizer = Wav2Vec2CTCTokenizer.from_pretrained(str(base_dir), **SAFE_LOAD)
     except (OSError, ValueError, TypeError):
         base_tokenizer = None  # a pretrained encoder without a CTC head: the vocabulary starts afresh
     if base_tokenizer is not None:
@@ -96,7 +91,7 @@ def build_model(base_dir: Path | None, train_texts_raw: list[str], args: ASRArgu
     tokenizer = Wav2Vec2CTCTokenizer(str(write_vocab(vocab, work)), unk_token=unk, pad_token=pad, bos_token=bos,
                                      eos_token=eos, word_delimiter_token=delimiter)
     if (base_dir / "preprocessor_config.json").is_file():
-        extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(base_dir), **_unsafe_load_kwargs())
+        extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(base_dir), **SAFE_LOAD)
     else:
         extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
                                              do_normalize=True, return_attention_mask=True)
@@ -107,7 +102,7 @@ def build_model(base_dir: Path | None, train_texts_raw: list[str], args: ASRArgu
     try:
         model = AutoModelForCTC.from_pretrained(
             str(base_dir), use_safetensors=True, ctc_loss_reduction="mean", ctc_zero_infinity=True,
-            pad_token_id=tokenizer.pad_token_id, **_unsafe_load_kwargs(),
+            pad_token_id=tokenizer.pad_token_id, **SAFE_LOAD,
         )
     except (ValueError, OSError, KeyError) as e:
         raise TrainerError(f"The base model ({config_json.get('model_type')}) cannot be loaded as a CTC speech model: "

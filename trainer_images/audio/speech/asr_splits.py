@@ -6,21 +6,21 @@ import random
 from dataclasses import dataclass
 
 from trainer_core.errors import TrainerError
+from trainer_core.manifest import Clip
 
 from .asr_args import ASRArguments
-from .common import Utterance
 
 
 @dataclass
 class Splits:
-    train: list[Utterance]
-    validation: list[Utterance]
-    test: list[Utterance]
+    train: list[Clip]
+    validation: list[Clip]
+    test: list[Clip]
     eval_split: str
     notes: list[str]
 
 
-def make_splits(utts: list[Utterance], args: ASRArguments) -> Splits:
+def make_splits(utts: list[Clip], args: ASRArguments) -> Splits:
     """Given splits are kept; unassigned rows are shuffled with the seed and divided.
 
     A test split is carved out only when the train CSV's split column assigns nothing (a user who
@@ -64,7 +64,7 @@ def make_splits(utts: list[Utterance], args: ASRArguments) -> Splits:
     return Splits(train, validation, test, eval_split, notes)
 
 
-def bucketed_batches(utts: list[Utterance], batch_size: int, rng: random.Random | None) -> list[list[Utterance]]:
+def bucketed_batches(utts: list[Clip], batch_size: int, rng: random.Random | None) -> list[list[Clip]]:
     """Batches of similar length, so padding (and wasted compute) stays small.
 
     For training (`rng` given) the clips are shuffled, grouped into mega-batches of 50 batches,

@@ -22,11 +22,11 @@ import torch
 
 from trainer_core.fit import Checkpoint, Plan, Recipe, Runtime, TrainState, adamw, fit, linear_schedule, plan
 from trainer_core.progress import log
+from trainer_core.manifest import Clip
 
 from . import SAMPLE_RATE
 from .asr_args import ASRArguments
 from .asr_splits import Splits, bucketed_batches
-from .common import Utterance
 from .vocab import normalise
 
 CHECKPOINT_NAME = "speech-asr-checkpoint.pt"
@@ -46,10 +46,10 @@ class Batcher:
         self.device = device
         self.use_mask = bool(getattr(self.extractor, "return_attention_mask", True))
 
-    def text(self, u: Utterance) -> str:
+    def text(self, u: Clip) -> str:
         return normalise(u.text, self.chars_to_ignore, self.uppercase)
 
-    def inputs(self, utts: list[Utterance]) -> dict:
+    def inputs(self, utts: list[Clip]) -> dict:
         feats = self.extractor([u.audio for u in utts], sampling_rate=SAMPLE_RATE, padding=True,
                                return_attention_mask=self.use_mask, return_tensors="pt")
         out = {"input_values": feats["input_values"].to(self.device)}
@@ -57,12 +57,12 @@ class Batcher:
             out["attention_mask"] = feats["attention_mask"].to(self.device)
         return out
 
-    def labels(self, utts: list[Utterance]):
+    def labels(self, utts: list[Clip]):
         enc = self.tokenizer([self.text(u) for u in utts], padding=True, return_attention_mask=True, return_tensors="pt")
         return enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100).to(self.device)
 
 
-def evaluate(model, batcher: Batcher, utts: list[Utterance], batch_size: int, runtime) -> dict:
+def evaluate(model, batcher: Batcher, utts: list[Clip], batch_size: int, runtime) -> dict:
     """Greedy CTC decoding; corpus WER and CER (jiwer) on the normalised transcripts, mean loss, and
     the share of clips with speech transcribed as nothing (`empty`: CTC's blank collapse)."""
     import jiwer
@@ -122,7 +122,7 @@ class CTCRecipe(Recipe):
         rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
         return bucketed_batches(self.splits.train, self.args.batch_size, rng)
 
-    def loss(self, batch: list[Utterance]):
+    def loss(self, batch: list[Clip]):
         inputs = self.batcher.inputs(batch)
         with self.runtime.autocast():
             out = self.model(**inputs, labels=self.batcher.labels(batch))

@@ -20,21 +20,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer_core.args import Paths, read_arguments
+from trainer_core.audio import decode
 from trainer_core.contract import run_main
+from trainer_core.errors import TrainerError
+from trainer_core.manifest import read_manifest, resolve
+from trainer_core.model_dir import check_model_dir, find_model_dir
+from trainer_core.progress import emit_progress, log
 
 from . import SAMPLE_RATE
-from .audio_io import decode
-from .common import (
-    Paths,
-    TrainerError,
-    check_model_dir_is_safe,
-    emit_progress,
-    find_model_dir,
-    log,
-    parse_arguments,
-    read_manifest,
-    resolve,
-)
 
 FONT_DIRS = [Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu")]
 
@@ -63,7 +57,7 @@ class Row:
 def load_pipeline(model_dir: Path, device: str):
     from transformers import AutoModelForCTC, AutoProcessor, pipeline
 
-    check_model_dir_is_safe(model_dir)
+    check_model_dir(model_dir)
     kwargs = {"local_files_only": True, "trust_remote_code": False}
     try:
         model = AutoModelForCTC.from_pretrained(str(model_dir), use_safetensors=True, **kwargs)
@@ -134,8 +128,8 @@ def run(paths: Paths) -> dict:
     import torch
 
     started = time.monotonic()
-    args = parse_arguments(TranscribeArguments, paths,
-                           quiet={"epochs", "learning_rate", "seed", "patience"})  # the service's defaults
+    args = read_arguments(TranscribeArguments, paths,
+                          quiet=frozenset({"epochs", "learning_rate", "seed", "patience"}))  # the service's defaults
     job = paths.job()
     if paths.num_cpus and not torch.cuda.is_available():
         torch.set_num_threads(max(1, paths.num_cpus))
@@ -150,7 +144,7 @@ def run(paths: Paths) -> dict:
     log(f"model {config.model_type} from {model_dir} on {device}")
 
     # 2. Every row, in order.
-    utts = read_manifest(paths.train_dir, "train", need_text=False)
+    utts = read_manifest(paths.train_dir, "train", None)
     rows: list[Row] = []
     audio_seconds = 0.0
     for i, utt in enumerate(utts, 1):

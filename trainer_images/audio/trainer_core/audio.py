@@ -1,0 +1,82 @@
+"""Decoding, one way for every trainer: any audio or video file to mono float32 at the rate the
+model wants.
+
+libsndfile reads wav/flac/ogg in-process at the file's own rate, which is resampled once to the
+target (never through 16 kHz, which would drop everything above 8 kHz for a 44.1/48 kHz model);
+what it cannot read (mp3, m4a, mp4, mkv, webm...) goes through ffmpeg, which drops the video
+stream, mixes down, resamples and pipes raw float32.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from math import gcd
+from pathlib import Path
+
+import numpy as np
+
+from .errors import TrainerError
+from .manifest import Clip, resolve
+
+SAMPLE_RATE = 16_000
+FFMPEG_TIMEOUT_S = 3600
+
+
+class DecodeError(RuntimeError):
+    pass
+
+
+def _resample(audio: np.ndarray, rate: int, target: int) -> np.ndarray:
+    if rate == target:
+        return audio
+    from scipy.signal import resample_poly
+
+    g = gcd(int(rate), int(target))
+    return resample_poly(audio, target // g, int(rate) // g).astype(np.float32)
+
+
+def ffmpeg_decode(path: Path, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The first audio stream of `path`, as mono float32 at `rate`."""
+    if shutil.which("ffmpeg") is None:
+        raise DecodeError("libsndfile cannot read it and ffmpeg is not installed")
+    cmd = ["ffmpeg", "-nostdin", "-v", "error", "-i", str(path), "-vn", "-map", "0:a:0",
+           "-ac", "1", "-ar", str(rate), "-f", "f32le", "-acodec", "pcm_f32le", "-"]
+    proc = subprocess.run(cmd, capture_output=True, timeout=FFMPEG_TIMEOUT_S)
+    if proc.returncode != 0:
+        lines = proc.stderr.decode(errors="replace").strip().splitlines()
+        raise DecodeError(f"ffmpeg could not read it: {lines[-1] if lines else 'exit code ' + str(proc.returncode)}")
+    return np.frombuffer(proc.stdout, dtype=np.float32).copy()
+
+
+def decode(path: Path | str, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Any audio or video file -> contiguous float32 mono at `rate`, every sample finite."""
+    import soundfile as sf
+
+    try:
+        data, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
+        audio = _resample(data.mean(axis=1), file_rate, rate)  # mix down: a word is a word on either channel
+    except Exception:  # noqa: BLE001 - not libsndfile's format (or an odd codec): ffmpeg reads more
+        audio = ffmpeg_decode(Path(path), rate)
+    if not np.all(np.isfinite(audio)):
+        raise DecodeError("it contains NaN or infinite samples")
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def load_audio(clips: list[Clip], channels: dict[str, Path], workers: int, rate: int = SAMPLE_RATE) -> None:
+    """Decode every clip once into memory, in parallel threads (libsndfile, scipy and ffmpeg do the
+    heavy parts outside the GIL). A clip shorter than one 25 ms analysis window is refused."""
+    paths = [resolve(channels[c.source], c) for c in clips]
+
+    def work(i: int) -> np.ndarray:
+        try:
+            return decode(paths[i], rate)
+        except Exception as e:  # noqa: BLE001 - becomes the job's reason, naming the row
+            raise TrainerError(f"{clips[i].where}: the audio file could not be decoded ({e}).") from None
+
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for clip, audio in zip(clips, pool.map(work, range(len(clips)))):
+            if audio.size < rate // 40:
+                raise TrainerError(f"{clip.where}: the audio file is empty or shorter than 25 ms.")
+            clip.audio, clip.rate = audio, rate
