@@ -38,7 +38,7 @@ DEFAULT_WORDS: list[str] = ["yes", "no", "up", "down", "left", "right", "stop", 
 
 @dataclass(frozen=True)
 class Voice:
-    name: str  # espeak-ng voice, with an optional "+variant" (e.g. "en-us+m3")
+    name: str  # espeak-ng voice, with an optional "+variant" (e.g. "en-us+m3"), or "flite:<voice>"
     speed: int = 160  # words per minute
     pitch: int = 50  # 0-99
 
@@ -72,6 +72,15 @@ HELDOUT_VOICES: list[Voice] = [
 ]
 
 
+# Another engine: flite's voices (Debian's `flite`), which espeak-ng's formant synthesis never
+# sounds like (rms and awb are recorded speakers, a US and a Scottish man). Test only: a model
+# trained on espeak-ng voices that recognises them has learned the words, not the synthesiser.
+OTHER_ENGINE_VOICES: list[Voice] = [
+    Voice("flite:rms", 160, 50),
+    Voice("flite:awb", 160, 50),
+]
+
+
 def _variant(voice_name: str) -> str:
     return voice_name.split("+", 1)[1] if "+" in voice_name else ""
 
@@ -84,19 +93,33 @@ assert not {_accent(v.name) for v in TRAIN_VOICES} & {_accent(v.name) for v in H
 assert not {_variant(v.name) for v in TRAIN_VOICES} & {_variant(v.name) for v in HELDOUT_VOICES}
 
 
-def check_tools() -> None:
-    missing = [tool for tool in ("espeak-ng", "sox") if shutil.which(tool) is None]
+def check_tools(voices: Sequence[Voice] = ()) -> None:
+    tools = ["espeak-ng", "sox"] + (["flite"] if any(v.name.startswith("flite:") for v in voices) else [])
+    missing = [tool for tool in tools if shutil.which(tool) is None]
     if missing:
-        raise RuntimeError(f"{' and '.join(missing)} not found on PATH: install them (apt-get install espeak-ng sox)")
+        raise RuntimeError(f"{' and '.join(missing)} not found on PATH: install them (apt-get install {' '.join(missing)})")
+
+
+def _synthesise(word: str, voice: Voice, speed: int, pitch: int) -> bytes:
+    """The word as WAV bytes from the voice's engine, at `speed` words per minute and `pitch` (0-99)."""
+    if voice.name.startswith("flite:"):
+        # flite has no rate in words per minute: its duration stretch is relative to the voice's own
+        # pace (160 wpm taken as 1.0); its pitch is a mean F0 in Hz around the voice's own (~110 Hz).
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "word.wav"
+            subprocess.run(["flite", "-voice", voice.name.split(":", 1)[1], "-t", word, "-o", str(out),
+                            "--setf", f"duration_stretch={160 / speed:.3f}",
+                            "--setf", f"int_f0_target_mean={80 + 0.8 * pitch:.0f}"], check=True, capture_output=True)
+            return out.read_bytes()
+    return subprocess.run(["espeak-ng", "-v", voice.name, "-s", str(speed), "-p", str(pitch), "--stdout", word],
+                          check=True, capture_output=True).stdout
 
 
 def _speak(word: str, voice: Voice, speed: int, pitch: int, lead: float, tail: float, gain_db: float, dest: Path) -> None:
-    """espeak-ng -> sox: resample to 16 kHz mono 16-bit, trim espeak's silence, pad, set the level."""
-    wav = subprocess.run(
-        ["espeak-ng", "-v", voice.name, "-s", str(speed), "-p", str(pitch), "--stdout", word],
-        check=True,
-        capture_output=True,
-    ).stdout
+    """The engine -> sox: resample to 16 kHz mono 16-bit, trim the silence, pad, set the level."""
+    wav = _synthesise(word, voice, speed, pitch)
     dest.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         ["sox", "-q", "-t", "wav", "-", "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", "-e", "signed-integer", str(dest),
@@ -133,7 +156,7 @@ def make_dataset(
     dataset.csv (rows that had no split get an empty one), so a caller can put training voices
     and held-out voices with split labels in one file. Returns the CSV's path.
     """
-    check_tools()
+    check_tools(voices)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     csv_path = out_dir / "dataset.csv"

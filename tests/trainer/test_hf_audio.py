@@ -363,3 +363,19 @@ def test_a_base_with_only_pickled_weights_is_refused(spoken, tiny_base, tmp_path
     (base / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
     reason = _refused(tmp_path, spoken, base)
     assert "pytorch_model.bin" in reason and "pickle" in reason and "safetensors" in reason
+
+
+def test_a_learning_curve_comes_with_the_fine_tuning_too(spoken, tiny_base, tmp_path):
+    """learning_curve=true: the same recipe from the same base on half the training split; the
+    curve, its predictions and the plot are in metrics.json, the card and the model directory."""
+    ws = Workspace(tmp_path / "ws", spoken, {**HPS, "epochs": "2", "learning_curve": "true",
+                                               "learning_curve_fractions": "0.5", "target_metric": "0.99"}, tiny_base)
+    result = ws.run()
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = ws.metrics()
+    lc = metrics["learning_curve"]
+    assert [p["fraction"] for p in lc["points"]] == [0.5, 1.0] and lc["metric"] == "macro_f1"
+    assert lc["points"][-1]["metric"] == metrics["macro_f1"] and lc["points"][0]["train_size"] < metrics["train_size"]
+    assert [p["factor"] for p in lc["predictions"]] == [2, 4] and all(0 <= p["metric"] <= 1 for p in lc["predictions"])
+    assert "How much more data would help" in (ws.model / "model_card.md").read_text()
+    assert (ws.model / "learning_curve.png").read_bytes().startswith(b"\x89PNG")

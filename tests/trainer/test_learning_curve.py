@@ -101,7 +101,7 @@ def test_progress_flows_through_the_sub_runs_labelled(curve_job):
 FIT_CHECK = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
-from audio_trainer.learning_curve import fit_curve, predict, size_for
+from trainer_core.learning_curve import fit_curve, predict, size_for
 sizes = [100, 200, 400]
 law = lambda n: 0.9 - 0.3 * (n / 400) ** -0.7
 fit = fit_curve(sizes, [law(n) for n in sizes], 400)

@@ -351,3 +351,18 @@ def test_transcribe_without_a_model_fails_with_a_reason(digits, tmp_path):
     result = ws.run(timeout=300)
     assert result.returncode != 0
     assert "needs an ASR model" in ws.failure.read_text()
+
+
+def test_a_learning_curve_for_speech_recognition_fits_word_accuracy(digits, tmp_path):
+    """The ASR trainer's curve: the same recipe on half the training split, 1 - WER fitted."""
+    ws = Workspace(tmp_path / "ws", "asr", digits, {**HPS, "epochs": "2", "learning_curve": "true",
+                                                      "learning_curve_fractions": "0.5"})
+    result = ws.run()
+    must_succeed(ws, result)
+    metrics = ws.metrics()
+    lc = metrics["learning_curve"]
+    assert lc["metric"] == "word_accuracy" and [p["fraction"] for p in lc["points"]] == [0.5, 1.0]
+    assert lc["points"][-1]["word_accuracy"] == max(0.0, 1 - metrics["wer"])
+    assert lc["points"][0]["train_size"] < metrics["train_size"] and lc["eval_size"] == metrics["test_size"]
+    assert "How much more data would help" in (ws.model / "README.md").read_text()
+    assert (ws.model / "learning_curve.png").read_bytes().startswith(b"\x89PNG")

@@ -27,6 +27,7 @@ class TrainingArguments(FitArguments):
     hop_length: int = 160  # 10 ms hop
     channels: str = field(default="32,32,64,128", metadata={"help": "stem width, then conv block widths, comma separated"})
     dropout: float = 0.3
+    feature_norm: str = field(default="utterance", metadata={"help": "utterance | channel: log-mel normalisation"})
 
     # Augmentation
     augment: bool = True
@@ -36,16 +37,17 @@ class TrainingArguments(FitArguments):
     noise_probability: float = 0.8
     snr_min_db: float = 5.0
     snr_max_db: float = 35.0
+    reverb_probability: float = field(default=0.0, metadata={"help": "share of examples in a synthetic room"})
+    rt60_min: float = 0.1
+    rt60_max: float = 0.6
+    telephone_probability: float = field(default=0.0, metadata={"help": "share of examples band-limited to 300-3400 Hz"})
+    vtlp_min: float = field(default=1.0, metadata={"help": "vocal-tract-length warp of the mel axis, lowest factor"})
+    vtlp_max: float = 1.0
+    mixup_alpha: float = field(default=0.0, metadata={"help": "Beta(alpha, alpha) mixup of example pairs (0 = off)"})
     time_masks: int = 2
     time_mask_fraction: float = 0.1
     freq_masks: int = 2
     freq_mask_bins: int = 6
-
-    # Learning curve (learning_curve.py): also train on subsets of the training split, fit, extrapolate
-    learning_curve: bool = field(default=False, metadata={"help": "also train on 25% and 50% of the training split and fit a curve"})
-    learning_curve_metric: str = field(default="macro_f1", metadata={"help": "macro_f1 | accuracy"})
-    learning_curve_fractions: str = field(default="0.25,0.5", metadata={"help": "subset fractions, comma separated"})
-    target_metric: float = field(default=0.0, metadata={"help": "metric to reach; the curve predicts the data size (0 = none)"})
 
     @property
     def channel_list(self) -> list[int]:
@@ -61,10 +63,13 @@ class TrainingArguments(FitArguments):
         self.channel_list  # noqa: B018 - raises its own TrainerError
         return [
             (0 < self.speed_min <= self.speed_max, "speed_min must be positive and at most speed_max"),
+            (0 <= self.reverb_probability <= 1 and 0 <= self.telephone_probability <= 1, "probabilities must be in [0, 1]"),
+            (0 < self.rt60_min <= self.rt60_max <= 2, "need 0 < rt60_min <= rt60_max <= 2 seconds"),
+            (0.5 <= self.vtlp_min <= self.vtlp_max <= 2, "need 0.5 <= vtlp_min <= vtlp_max <= 2"),
+            (0 <= self.mixup_alpha <= 10, "mixup_alpha must be in [0, 10]"),
             (8 <= self.n_mels <= 256, "n_mels must be between 8 and 256"),
+            (self.feature_norm in ("utterance", "channel"), "feature_norm must be utterance or channel"),
             (self.hop_length >= 1 and self.n_fft >= self.hop_length, "need n_fft >= hop_length >= 1"),
-            (self.learning_curve_metric in ("macro_f1", "accuracy"), "learning_curve_metric must be macro_f1 or accuracy"),
-            (0 <= self.target_metric <= 1, "target_metric must be between 0 and 1 (0 = none)"),
         ]
 
 

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from trainer_core.errors import TrainerError
+from trainer_core.learning_curve import card_section
 from trainer_core.progress import log
 
 from .model import KeywordCNN
@@ -99,38 +100,6 @@ def _fmt(v) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def _learning_curve_section(lc: dict | None) -> list[str]:
-    """The model card's "how much more data would help" section (learning_curve=true)."""
-    if not lc:
-        return []
-    fit, metric = lc["fit"], lc["metric"]
-    lines = [
-        "## How much more data would help",
-        "",
-        f"The same recipe was also trained on stratified subsets of the training split; {metric} on the "
-        f"{lc['eval_split']} split ({lc['eval_size']} clips):",
-        "",
-        "| training clips | share | " + metric + " |",
-        "|---:|---:|---:|",
-        *[f"| {p['train_size']} | {p['fraction']:.0%} | {p['metric']:.4f} |" for p in lc["points"]],
-        "",
-    ]
-    if fit["method"] == "inverse_power_law":
-        lines.append(f"Fit `{fit['formula']}`: a={fit['a']:.4f} (asymptote), b={fit['b']:.4f}, c={fit['c']:.3f}, "
-                     f"n_full={fit['n_full']}, RMSE {fit['rmse']:.4f}.")
-    else:
-        lines.append(f"Fallback fit `{fit['formula']}` (p={fit['p']:.4f}, q={fit['q']:.4f}): {fit['fallback_reason']}.")
-    lines += ["", *[f"- predicted {metric} with {p['factor']}x the data ({p['train_size']} clips): {p['metric']:.4f}"
-                    for p in lc["predictions"]]]
-    if lc.get("target_metric") is not None:
-        n = lc.get("target_train_size")
-        lines.append(f"- target {metric} {lc['target_metric']}: "
-                     + (f"about {n} training clips ({lc.get('target_data_factor')}x)" if n is not None else "not reached")
-                     + (f" ({lc['target_note']})" if lc.get("target_note") else ""))
-    lines += [*[f"- {n}" for n in lc.get("notes", [])], "", f"Plot: `{lc['plot']}`.", ""]
-    return lines
-
-
 def write_card(model_dir: Path, *, job: dict, labels: list[str], label_counts: dict[str, dict[str, int]],
                hyperparameters: dict, metrics: dict, lineage: list[dict], notes: list[str], config: dict) -> None:
     name = job.get("model_name") or "audio keyword classifier"
@@ -184,7 +153,7 @@ def write_card(model_dir: Path, *, job: dict, labels: list[str], label_counts: d
         "Plots: `training_curves.png`, `confusion_matrix.png`"
         + (", `learning_curve.png`." if metrics.get("learning_curve") else "."),
         "",
-        *_learning_curve_section(metrics.get("learning_curve")),
+        *card_section(metrics.get("learning_curve")),
         "## Lineage",
         "",
     ]

@@ -40,13 +40,15 @@ class LogMel(nn.Module):
 
     Why the normalisation: clips arrive at any level (a phone at arm's length, a headset). The
     waveform is first scaled to unit peak, so the log floor sits at the same place relative to the
-    signal, then the log-mel is standardised per utterance (zero mean, unit variance). Together
-    these make the features (nearly) independent of recording gain.
+    signal, then the log-mel is standardised per utterance (zero mean, unit variance; with
+    norm="channel" every mel band's mean is removed). Together these make the features (nearly)
+    independent of recording gain.
     """
 
-    def __init__(self, sample_rate: int = 16_000, n_fft: int = 400, hop_length: int = 160, n_mels: int = 40):
+    def __init__(self, sample_rate: int = 16_000, n_fft: int = 400, hop_length: int = 160, n_mels: int = 40,
+                 norm: str = "utterance"):
         super().__init__()
-        self.n_fft, self.hop_length, self.n_mels = n_fft, hop_length, n_mels
+        self.n_fft, self.hop_length, self.n_mels, self.norm = n_fft, hop_length, n_mels, norm
         n_freq = n_fft // 2 + 1
         t = torch.arange(n_fft, dtype=torch.float64)
         window = 0.5 - 0.5 * torch.cos(2 * math.pi * t / n_fft)  # periodic Hann
@@ -68,7 +70,9 @@ class LogMel(nn.Module):
         mel = torch.matmul(self.mel, power)  # [B, n_mels, frames]
         # the floor (1e-3 of a unit-peak signal's power scale) keeps digital silence from dominating
         logmel = torch.log(mel + 1e-3)
-        mean = logmel.mean(dim=(1, 2), keepdim=True)
+        # "channel": each mel band's own mean over time is removed (cepstral mean normalisation),
+        # which takes out a fixed spectral tilt (a microphone, a room, a synthesiser's timbre)
+        mean = logmel.mean(dim=2 if self.norm == "channel" else (1, 2), keepdim=True)
         # the variance floor keeps near-constant input (digital silence) from amplifying rounding noise
         std = torch.sqrt(((logmel - mean) ** 2).mean(dim=(1, 2), keepdim=True) + 1e-2)
         return ((logmel - mean) / std).unsqueeze(1)

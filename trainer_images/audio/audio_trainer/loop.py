@@ -16,7 +16,7 @@ from trainer_core.fit import Checkpoint, Plan, Recipe, Runtime, TrainState, adam
 from trainer_core.manifest import Clip
 
 from .args import TrainingArguments
-from .augment import augment_waveforms, fixed_windows, spec_augment
+from .augment import augment_waveforms, fixed_windows, spec_augment, warp_mel_axis
 from .evaluate import predict, summarise
 from .model import KeywordCNN
 
@@ -53,11 +53,22 @@ class KeywordRecipe(Recipe):
         # The front end stays in float32 (log of small powers is not a bf16 job); the CNN runs
         # under autocast on GPU.
         feats = self.model.frontend(waves.to(device, non_blocking=True))
+        y = y.to(device, non_blocking=True)
         if self.args.augment:
+            if self.args.vtlp_min != 1.0 or self.args.vtlp_max != 1.0:
+                feats = warp_mel_axis(feats, self.args, generator)
             feats = spec_augment(feats, self.args, generator)
+        if self.args.augment and self.args.mixup_alpha > 0:
+            # mixup: each example blended with another of the batch, the loss with both targets
+            lam = float(np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
+                        .beta(self.args.mixup_alpha, self.args.mixup_alpha))
+            partner = torch.randperm(len(y), generator=generator).to(device)
+            with self.runtime.autocast():
+                logits = self.model.classify(lam * feats + (1 - lam) * feats[partner]).float()
+            return lam * self.criterion(logits, y) + (1 - lam) * self.criterion(logits, y[partner]), len(y)
         with self.runtime.autocast():
             logits = self.model.classify(feats)
-        return self.criterion(logits.float(), y.to(device, non_blocking=True)), len(y)
+        return self.criterion(logits.float(), y), len(y)
 
     def validate(self) -> dict[str, float]:
         """On the clips as they are (no augmentation, natural length)."""

@@ -65,7 +65,7 @@ def run(paths: Paths) -> dict:
     # 1. Arguments and the machine.
     args = parse_hyperparameters(paths)
     if args.learning_curve:
-        from .learning_curve import parse_fractions
+        from trainer_core.learning_curve import parse_fractions
 
         fractions = parse_fractions(args.learning_curve_fractions)
     random.seed(args.seed)
@@ -102,12 +102,15 @@ def run(paths: Paths) -> dict:
     # 5. The model.
     if base is not None:
         arch = base.config
-        for hp, value in (("n_mels", arch.n_mels), ("channels", arch.channels), ("dropout", arch.dropout)):
+        for hp, value in (("n_mels", arch.n_mels), ("channels", arch.channels), ("dropout", arch.dropout),
+                          ("feature_norm", arch.feature_norm)):
             if getattr(args, hp) != value and not (hp == "channels" and args.channel_list == value):
                 log(f"continuing from a base: its {hp}={value} is kept (hyperparameter {hp}={getattr(args, hp)} ignored)")
-        config = ModelConfig(splits.labels, arch.n_mels, arch.n_fft, arch.hop_length, list(arch.channels), arch.dropout)
+        config = ModelConfig(splits.labels, arch.n_mels, arch.n_fft, arch.hop_length, list(arch.channels), arch.dropout,
+                             feature_norm=arch.feature_norm)
     else:
-        config = ModelConfig(splits.labels, args.n_mels, args.n_fft, args.hop_length, args.channel_list, args.dropout)
+        config = ModelConfig(splits.labels, args.n_mels, args.n_fft, args.hop_length, args.channel_list, args.dropout,
+                             feature_norm=args.feature_norm)
     model = KeywordCNN(config)
     if base is not None:
         initialise_from_base(model, base)
@@ -139,7 +142,7 @@ def run(paths: Paths) -> dict:
     # subsets of the training split; each subset has its own checkpoint folder, so a rerun resumes.
     if args.learning_curve:
         from .evaluate import full_report
-        from .learning_curve import run_learning_curve
+        from trainer_core.learning_curve import run_learning_curve
 
         def train_and_score(subset, tag):
             random.seed(args.seed)

@@ -27,13 +27,14 @@ class ModelConfig:
     channels: list[int] = field(default_factory=lambda: [32, 32, 64, 128])
     dropout: float = 0.3
     sample_rate: int = SAMPLE_RATE
+    feature_norm: str = "utterance"  # what a config written before this field had
 
     def to_json(self, **extra) -> dict:
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "architecture": "logmel-cnn", **asdict(self), **extra}
 
     @classmethod
     def from_json(cls, data: dict) -> ModelConfig:
-        keys = {"labels", "n_mels", "n_fft", "hop_length", "channels", "dropout", "sample_rate"}
+        keys = {"labels", "n_mels", "n_fft", "hop_length", "channels", "dropout", "sample_rate", "feature_norm"}
         return cls(**{k: data[k] for k in keys if k in data})
 
 
@@ -54,7 +55,7 @@ class KeywordCNN(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.frontend = LogMel(config.sample_rate, config.n_fft, config.hop_length, config.n_mels)
+        self.frontend = LogMel(config.sample_rate, config.n_fft, config.hop_length, config.n_mels, config.feature_norm)
         # A strided stem halves time and frequency before anything else: full-resolution layers
         # cost most of the compute (and, on CPU, most of the time) for little accuracy.
         c_in = config.channels[0]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer_core.learning_curve import card_section
+
 
 def _fmt(v) -> str:
     return f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -54,8 +56,10 @@ def write_card(model_dir: Path, *, job: dict, base: dict, labels: list[str], lab
           for label, m in metrics["per_class"].items()],
         "",
         f"Best epoch {metrics['best_epoch']} of {metrics['epochs_run']} run ({metrics.get('stop_reason', '')}).",
-        "Plots: `training_curves.png`, `confusion_matrix.png`.",
+        "Plots: `training_curves.png`, `confusion_matrix.png`"
+        + (", `learning_curve.png`." if metrics.get("learning_curve") else "."),
         "",
+        *card_section(metrics.get("learning_curve")),
         "## Lineage",
         "",
     ]

@@ -17,6 +17,7 @@ Any failure writes a one-paragraph reason to $SM_OUTPUT_DIR/failure and exits no
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import json
@@ -150,6 +151,32 @@ def run(paths: Paths) -> dict:
         "base_model_type": base.raw_config.get("model_type"),
         "sampling_rate": rate,
     })
+
+    # 7b. Learning curve: the same recipe from the same base on subsets of the training split.
+    if args.learning_curve:
+        from audio_trainer.evaluate import full_report
+        from trainer_core.learning_curve import parse_fractions, run_learning_curve
+
+        def train_and_score(subset, tag):
+            torch.manual_seed(args.seed)
+            sub_model = load_model(base, splits.labels)
+            freeze(sub_model, args)
+            sub_splits = dataclasses.replace(splits, train=subset)
+            sub_state, _ = train(sub_model, collator, subset, splits.validation, splits.labels, args, runtime,
+                                 paths.checkpoint_dir / tag, _fingerprint(args, sub_splits, base) + tag)
+            sub_logits = predict(sub_model, collator, [c.audio for c in eval_clips], runtime, args.batch_size,
+                                 int(args.max_eval_length_seconds * rate))
+            y_true = np.array([splits.labels.index(c.label) for c in eval_clips])
+            report = full_report(y_true, sub_logits.argmax(1), splits.labels)
+            return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
+                    "epochs_run": sub_state.epoch, "best_epoch": sub_state.best_epoch}
+
+        plots.append(paths.output_data_dir / "learning_curve.png")
+        metrics["learning_curve"] = run_learning_curve(
+            train_clips=splits.train, full_point=metrics, fractions=parse_fractions(args.learning_curve_fractions),
+            metric=args.learning_curve_metric, target=args.target_metric or None, seed=args.seed,
+            eval_split=splits.eval_split, eval_size=len(eval_clips), train_and_score=train_and_score,
+            plot_path=plots[-1], full_stopped_early=state.stop_reason.startswith("early stop"))
 
     # 8. The artifact: a transformers directory, proven loadable by transformers alone.
     model_dir = paths.model_dir

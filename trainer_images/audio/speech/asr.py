@@ -24,6 +24,7 @@ Any failure writes a one-paragraph reason to $SM_OUTPUT_DIR/failure and exits no
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -54,7 +55,7 @@ def run(paths: Paths) -> dict:
 
     from trainer_core.fit import Runtime
 
-    from .ctc import Batcher, blank_collapse, evaluate, fingerprint, train
+    from .ctc import Batcher, blank_collapse, evaluate, fingerprint, train, word_and_char_accuracy
 
     started = time.monotonic()
     # 1. Arguments and the machine.
@@ -120,6 +121,32 @@ def run(paths: Paths) -> dict:
         collapsed, warning = blank_collapse(result, splits.eval_split, args.on_blank_collapse)
         if collapsed:
             raise TrainerError(collapsed)
+        scores = {**word_and_char_accuracy(result), "epochs_run": state.epoch, "best_epoch": state.best_epoch}
+
+        # 7b. Learning curve: the same recipe (vocabulary, starting point, seed) on subsets of the
+        # training split; each subset has its own checkpoint, so a rerun resumes.
+        learning_curve = None
+        if args.learning_curve:
+            from trainer_core.learning_curve import parse_fractions, run_learning_curve
+
+            def train_and_score(subset, tag):
+                torch.manual_seed(args.seed)
+                (Path(tmp) / tag).mkdir()
+                sub = build_model(base_dir, [u.text for u in splits.train], args, Path(tmp) / tag)
+                sub_splits = dataclasses.replace(splits, train=subset)
+                sub_state, _ = train(sub.model, batcher, sub_splits, args, runtime, paths.checkpoint_dir / tag,
+                                     fingerprint(args, sub_splits, vocab, base_dir) + tag, freeze)
+                sub_result = evaluate(sub.model, batcher, eval_utts, args.eval_batch_size, runtime)
+                return {**word_and_char_accuracy(sub_result), "epochs_run": sub_state.epoch,
+                        "best_epoch": sub_state.best_epoch}
+
+            paths.output_data_dir.mkdir(parents=True, exist_ok=True)
+            learning_curve = run_learning_curve(
+                train_clips=splits.train, full_point=scores, fractions=parse_fractions(args.learning_curve_fractions),
+                metric=args.learning_curve_metric, target=args.target_metric or None, seed=args.seed,
+                eval_split=splits.eval_split, eval_size=len(eval_utts), train_and_score=train_and_score,
+                plot_path=paths.output_data_dir / "learning_curve.png",
+                full_stopped_early=state.stop_reason.startswith("early stop"))
 
         # 8. The artifact.
         model_dir = paths.model_dir
@@ -169,6 +196,7 @@ def run(paths: Paths) -> dict:
         "parameters": n_params,
         "training_seconds": round(train_seconds, 1),
         "examples": examples,
+        **({"learning_curve": learning_curve} if learning_curve else {}),
         "history": state.history,
         "notes": splits.notes,
     }
@@ -176,6 +204,8 @@ def run(paths: Paths) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     plot_curves(state.history, state.best_epoch, out / "training_curves.png")
     shutil.copyfile(out / "training_curves.png", model_dir / "training_curves.png")
+    if learning_curve:
+        shutil.copyfile(out / "learning_curve.png", model_dir / "learning_curve.png")
     ordered_vocab = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
     write_card(model_dir, job, metrics, args, lineage, splits.notes, ordered_vocab)
     log(f"done in {time.monotonic() - started:.1f}s: {sorted(p.name for p in model_dir.iterdir())}")

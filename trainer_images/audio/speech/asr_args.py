@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trainer_core.args import FitArguments
 
@@ -22,6 +23,10 @@ class ASRArguments(FitArguments):
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
     warmup_fraction: float = field(default=0.1, metadata={"help": "share of the steps spent warming up"})
     metric_for_best_model: str = field(default="cer", metadata={"help": "cer | wer | loss: what chooses the best epoch"})
+    learning_curve_metric: str = field(default="word_accuracy", metadata={
+        "help": "word_accuracy (1 - WER) | char_accuracy (1 - CER): the score the learning curve fits"})
+
+    LEARNING_CURVE_METRICS: ClassVar[tuple[str, ...]] = ("word_accuracy", "char_accuracy")
 
     # Text
     chars_to_ignore: str = field(default=',?.!;:"%()[]{}<>«»…', metadata={"help": "removed from transcripts"})

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer_core.errors import TrainerError
+from trainer_core.learning_curve import card_section
 
 from . import SAMPLE_RATE
 from .asr_args import ASRArguments
@@ -66,6 +67,7 @@ def write_card(model_dir: Path, job: dict, metrics: dict, args: ASRArguments, li
         f"{metrics['training_seconds']:.0f} s.", "",
         f"Vocabulary ({len(vocab)} tokens): `{' '.join(vocab)}`", "",
         "Hyperparameters:", "", "```json", json.dumps(asdict(args), indent=1), "```", "",
+        *card_section(metrics.get("learning_curve")),
         "## Examples", "", "| reference | transcription |", "|---|---|",
         *[f"| {e['reference']} | {e['prediction']} |" for e in metrics["examples"]], "",
         "## Lineage", "",

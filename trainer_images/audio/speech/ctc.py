@@ -183,3 +183,9 @@ def blank_collapse(result: dict, split: str, on_collapse: str) -> tuple[str | No
     if empty >= MOSTLY_EMPTY:
         return None, f"{share}: the model often hears no speech; more data or epochs should help"
     return None, None
+
+
+def word_and_char_accuracy(result: dict) -> dict[str, float]:
+    """1 - WER and 1 - CER, clipped at 0: the higher-is-better scores a learning curve fits."""
+    return {"word_accuracy": max(0.0, 1.0 - result["wer"]), "char_accuracy": max(0.0, 1.0 - result["cer"]),
+            "wer": result["wer"], "cer": result["cer"]}

@@ -111,6 +111,13 @@ class FitArguments:
     validation_fraction: float = 0.15
     test_fraction: float = 0.15
 
+    # Learning curve (learning_curve.py): also train on subsets of the training split, fit, extrapolate
+    learning_curve: bool = field(default=False, metadata={"help": "also train on 25% and 50% of the training split and fit a curve"})
+    learning_curve_metric: str = field(default="macro_f1", metadata={"help": "the score the curve fits (see the trainer)"})
+    learning_curve_fractions: str = field(default="0.25,0.5", metadata={"help": "subset fractions, comma separated"})
+    target_metric: float = field(default=0.0, metadata={"help": "score to reach; the curve predicts the data size (0 = none)"})
+
+    LEARNING_CURVE_METRICS: ClassVar[tuple[str, ...]] = ("macro_f1", "accuracy")
     given: ClassVar[frozenset[str]] = frozenset()  # the names the job set (read_arguments), not a field
 
     def fit_checks(self) -> list[tuple[bool, str]]:
@@ -124,6 +131,9 @@ class FitArguments:
             (0 < self.validation_fraction < 0.5, "validation_fraction must be between 0 and 0.5"),
             (0 <= self.test_fraction < 0.5, "test_fraction must be between 0 and 0.5"),
             (self.mixed_precision in ("auto", "bf16", "fp16", "no"), "mixed_precision must be auto, bf16, fp16 or no"),
+            (self.learning_curve_metric in self.LEARNING_CURVE_METRICS,
+             f"learning_curve_metric must be one of {', '.join(self.LEARNING_CURVE_METRICS)}"),
+            (0 <= self.target_metric <= 1, "target_metric must be between 0 and 1 (0 = none)"),
         ]
 
     def checks(self) -> list[tuple[bool, str]]:

@@ -1,13 +1,15 @@
-"""How much more data would help: a learning curve from the job's own data.
+"""How much more data would help: a learning curve from the job's own data, for every trainer.
 
 With `learning_curve=true` the job, after its main training, trains the same recipe again on
-stratified subsets of the training split (25% and 50% by default; `learning_curve_fractions`):
-the same seed, the same validation split for early stopping, the same test split for the metric,
-the same epochs and patience, and the same starting point (a fresh model, or the base model's
-weights when the job continues from one). With the full run that gives points (n, metric).
+subsets of the training split (25% and 50% by default; `learning_curve_fractions`), stratified
+by label where there are labels: the same seed, the same validation split for early stopping,
+the same test split for the metric, the same epochs and patience, and the same starting point (a
+fresh model, or the base model's weights when the job continues from one). With the full run
+that gives points (n, metric).
 
-The metric (`learning_curve_metric`: macro_f1 or accuracy) is fitted against the training-set
-size n with a saturating inverse power law,
+The metric (`learning_curve_metric`, a score in [0, 1] where higher is better: macro_f1 or
+accuracy for a classifier, word_accuracy = 1 - WER or char_accuracy = 1 - CER, clipped at 0, for
+speech recognition) is fitted against the training-set size n with a saturating inverse power law,
 
     m(n) = a - b * (n / n_full) ** (-c),   0 <= a <= 1, b >= 0, 0.05 <= c <= 3
 
@@ -32,11 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer_core.errors import TrainerError
-from trainer_core.manifest import Clip
-from trainer_core.progress import log, phase
+from .errors import TrainerError
+from .manifest import Clip
+from .progress import log, phase
 
-METRICS = ("macro_f1", "accuracy")
 FORMULA = "m(n) = a - b * (n / n_full)^(-c)"
 
 
@@ -54,7 +55,8 @@ def parse_fractions(text: str) -> list[float]:
 
 
 def stratified_subset(clips: list[Clip], fraction: float, seed: int) -> list[Clip]:
-    """round(fraction * n) clips of every label (at least 2, or all when a label has fewer).
+    """round(fraction * n) clips of every label (at least 2, or all when a label has fewer); clips
+    without labels (speech recognition) are one group.
 
     Every label is shuffled once with the job's seed, and a subset takes a prefix of that order,
     so the 25% subset lies inside the 50% one: the points differ only in how much data they see.
@@ -198,7 +200,7 @@ def run_learning_curve(
     plot_path: Path,
     full_stopped_early: bool = True,
 ) -> dict:
-    """Train on each fraction (via `train_and_score(clips, tag)` -> {accuracy, macro_f1, epochs_run,
+    """Train on each fraction (via `train_and_score(clips, tag)` -> {metric, ..., epochs_run,
     best_epoch}), fit, predict, plot. `full_point` is the main run's scores."""
     n_full = len(train_clips)
     points = []
@@ -213,12 +215,13 @@ def run_learning_curve(
         with phase(tag):
             log(f"training on {len(subset)} of {n_full} training clips, stratified by label (seed {seed})")
             scores = train_and_score(subset, f"lc{round(fraction * 100)}")
-            log(f"{eval_split}: accuracy {scores['accuracy']:.4f}, macro F1 {scores['macro_f1']:.4f}")
+            log(f"{eval_split}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))
         points.append({"fraction": fraction, "train_size": len(subset), "metric": scores[metric],
-                       **{k: scores[k] for k in ("accuracy", "macro_f1", "epochs_run", "best_epoch") if k in scores},
+                       **{k: v for k, v in scores.items() if isinstance(v, int | float)},
                        "seconds": round(time.monotonic() - started, 1)})
+    reported = set().union(*(p.keys() for p in points)) - {"fraction", "train_size", "metric", "seconds"}
     points.append({"fraction": 1.0, "train_size": n_full, "metric": full_point[metric],
-                   **{k: full_point[k] for k in ("accuracy", "macro_f1", "epochs_run", "best_epoch") if k in full_point}})
+                   **{k: full_point[k] for k in sorted(reported) if k in full_point}})
 
     fit = fit_curve([p["train_size"] for p in points], [p["metric"] for p in points], n_full)
     if fit["method"] != "inverse_power_law":
@@ -271,3 +274,36 @@ def run_learning_curve(
         + (f"; asymptote {a:.4f}" if a is not None else "; no asymptote (fallback line)") + f"; predicted at 2x {result['predicted_at_2x']:.4f}, at 4x {result['predicted_at_4x']:.4f}"
         + (f"; target {target}: n={result['target_train_size']}" if target is not None else ""))
     return result
+
+
+def card_section(lc: dict | None) -> list[str]:
+    """The model card's "how much more data would help" section (learning_curve=true)."""
+    if not lc:
+        return []
+    fit, metric = lc["fit"], lc["metric"]
+    lines = [
+        "## How much more data would help",
+        "",
+        f"The same recipe was also trained on subsets of the training split (stratified by label where there "
+        f"are labels); {metric} on the "
+        f"{lc['eval_split']} split ({lc['eval_size']} clips):",
+        "",
+        "| training clips | share | " + metric + " |",
+        "|---:|---:|---:|",
+        *[f"| {p['train_size']} | {p['fraction']:.0%} | {p['metric']:.4f} |" for p in lc["points"]],
+        "",
+    ]
+    if fit["method"] == "inverse_power_law":
+        lines.append(f"Fit `{fit['formula']}`: a={fit['a']:.4f} (asymptote), b={fit['b']:.4f}, c={fit['c']:.3f}, "
+                     f"n_full={fit['n_full']}, RMSE {fit['rmse']:.4f}.")
+    else:
+        lines.append(f"Fallback fit `{fit['formula']}` (p={fit['p']:.4f}, q={fit['q']:.4f}): {fit['fallback_reason']}.")
+    lines += ["", *[f"- predicted {metric} with {p['factor']}x the data ({p['train_size']} clips): {p['metric']:.4f}"
+                    for p in lc["predictions"]]]
+    if lc.get("target_metric") is not None:
+        n = lc.get("target_train_size")
+        lines.append(f"- target {metric} {lc['target_metric']}: "
+                     + (f"about {n} training clips ({lc.get('target_data_factor')}x)" if n is not None else "not reached")
+                     + (f" ({lc['target_note']})" if lc.get("target_note") else ""))
+    lines += [*[f"- {n}" for n in lc.get("notes", [])], "", f"Plot: `{lc['plot']}`.", ""]
+    return lines
