@@ -86,9 +86,10 @@ def digit_data(out: Path, per_voice: int, val_per_voice: int, test_per_voice: in
 
 
 def ood_keyword_data(out: Path, words: list[str], repeats: int, test_repeats: int, seed: int) -> Path:
-    """Train and validation: espeak-ng's TRAIN_VOICES; test: flite's voices (another engine) and the
-    held-out espeak-ng accents, none of which is ever heard in training."""
-    sw.make_dataset(out, words, sw.TRAIN_VOICES, repeats=repeats, seed=seed, split="train")
+    """Train: espeak-ng's TRAIN_VOICES and EXTRA_TRAIN_VOICES (its Klatt and named variants, in the
+    training accents); validation: another take by TRAIN_VOICES; test: flite's voices (another
+    engine) and the held-out espeak-ng accents, none of which is ever heard in training."""
+    sw.make_dataset(out, words, sw.TRAIN_VOICES + sw.EXTRA_TRAIN_VOICES, repeats=repeats, seed=seed, split="train")
     sw.make_dataset(out, words, sw.TRAIN_VOICES, repeats=1, seed=seed + 1, split="validation", append=True)
     sw.make_dataset(out, words, sw.OTHER_ENGINE_VOICES, repeats=test_repeats, seed=seed + 2, split="test", append=True)
     sw.make_dataset(out, words, sw.HELDOUT_VOICES, repeats=1, seed=seed + 3, split="test", append=True)
@@ -190,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--words", default=",".join(sw.DEFAULT_WORDS), help="keywords, comma separated")
     ap.add_argument("--repeats", type=int, default=2, help="training takes of each word per training voice")
     ap.add_argument("--digits-per-voice", type=int, default=16, help="training digit strings per training voice")
-    ap.add_argument("--ood-repeats", type=int, default=4, help="kws-ood: training takes per word and training voice")
-    ap.add_argument("--ood-test-repeats", type=int, default=3, help="kws-ood: takes per word and flite voice")
+    ap.add_argument("--ood-repeats", type=int, default=2, help="kws-ood: training takes per word and training voice")
+    ap.add_argument("--ood-test-repeats", type=int, default=6, help="kws-ood: takes per word and flite voice")
     ap.add_argument("--cnn-epochs", type=int, default=20)
     ap.add_argument("--hf-epochs", type=int, default=12)
     ap.add_argument("--asr-epochs", type=int, default=25)

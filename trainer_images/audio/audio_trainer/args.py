@@ -4,6 +4,7 @@ shares, and how they are read, are trainer_core/args.py's."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from trainer_core.args import FitArguments, Paths, read_arguments
 from trainer_core.errors import TrainerError
@@ -25,7 +26,9 @@ class TrainingArguments(FitArguments):
     n_mels: int = 40
     n_fft: int = 400  # 25 ms windows at 16 kHz
     hop_length: int = 160  # 10 ms hop
-    channels: str = field(default="32,32,64,128", metadata={"help": "stem width, then conv block widths, comma separated"})
+    architecture: str = field(default="cnn", metadata={"help": "cnn | bcresnet (model.py)"})
+    channels: str = field(default="", metadata={
+        "help": "stem width, then block widths, comma separated (default: cnn 32,32,64,128; bcresnet 48,24,36,48,60)"})
     dropout: float = 0.3
     feature_norm: str = field(default="utterance", metadata={"help": "utterance | channel: log-mel normalisation"})
 
@@ -49,10 +52,13 @@ class TrainingArguments(FitArguments):
     freq_masks: int = 2
     freq_mask_bins: int = 6
 
+    DEFAULT_CHANNELS: ClassVar[dict[str, str]] = {"cnn": "32,32,64,128", "bcresnet": "48,24,36,48,60"}
+
     @property
     def channel_list(self) -> list[int]:
         try:
-            widths = [int(c) for c in str(self.channels).split(",") if c.strip()]
+            text = self.channels or self.DEFAULT_CHANNELS.get(self.architecture, "")
+            widths = [int(c) for c in str(text).split(",") if c.strip()]
         except ValueError:
             widths = []
         if not widths or any(w <= 0 for w in widths):
@@ -69,6 +75,8 @@ class TrainingArguments(FitArguments):
             (0 <= self.mixup_alpha <= 10, "mixup_alpha must be in [0, 10]"),
             (8 <= self.n_mels <= 256, "n_mels must be between 8 and 256"),
             (self.feature_norm in ("utterance", "channel"), "feature_norm must be utterance or channel"),
+            (self.architecture in self.DEFAULT_CHANNELS, "architecture must be cnn or bcresnet"),
+            (self.architecture != "bcresnet" or len(self.channel_list) == 5, "bcresnet takes 5 channel widths"),
             (self.hop_length >= 1 and self.n_fft >= self.hop_length, "need n_fft >= hop_length >= 1"),
         ]
 

@@ -15,14 +15,15 @@ matplotlib.use("Agg")  # no display in a training container
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-from trainer_core.progress import log  # noqa: E402
 from sklearn.metrics import (  # noqa: E402
     accuracy_score,
     classification_report,
     confusion_matrix,
     precision_recall_fscore_support,
 )
+
+from trainer_core.batching import sorted_batches  # noqa: E402
+from trainer_core.progress import log  # noqa: E402
 
 
 @torch.no_grad()
@@ -34,10 +35,8 @@ def predict(model, clips: list[np.ndarray], device: torch.device, batch_size: in
     """
     was_training = model.training
     model.eval()
-    order = sorted(range(len(clips)), key=lambda i: len(clips[i]))
     out = np.zeros((len(clips), len(model.config.labels)), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in sorted_batches([len(a) for a in clips], batch_size):
         longest = max(len(clips[i]) for i in idx)
         batch = np.zeros((len(idx), longest), dtype=np.float32)
         for row, i in enumerate(idx):

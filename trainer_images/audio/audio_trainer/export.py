@@ -168,8 +168,8 @@ def write_card(model_dir: Path, *, job: dict, labels: list[str], label_counts: d
         "",
         "## Architecture",
         "",
-        f"n_mels={config['n_mels']}, n_fft={config['n_fft']}, hop_length={config['hop_length']}, "
-        f"channels={config['channels']}, dropout={config['dropout']}, sample_rate={config['sample_rate']}",
+        f"{config['architecture']}: n_mels={config['n_mels']}, n_fft={config['n_fft']}, hop_length={config['hop_length']}, "
+        f"channels={config['channels']}, feature_norm={config['feature_norm']}, dropout={config['dropout']}, sample_rate={config['sample_rate']}",
         "",
         "## Hyperparameters",
         "",

@@ -103,19 +103,19 @@ def run(paths: Paths) -> dict:
     if base is not None:
         arch = base.config
         for hp, value in (("n_mels", arch.n_mels), ("channels", arch.channels), ("dropout", arch.dropout),
-                          ("feature_norm", arch.feature_norm)):
+                          ("feature_norm", arch.feature_norm), ("architecture", arch.architecture)):
             if getattr(args, hp) != value and not (hp == "channels" and args.channel_list == value):
                 log(f"continuing from a base: its {hp}={value} is kept (hyperparameter {hp}={getattr(args, hp)} ignored)")
         config = ModelConfig(splits.labels, arch.n_mels, arch.n_fft, arch.hop_length, list(arch.channels), arch.dropout,
-                             feature_norm=arch.feature_norm)
+                             feature_norm=arch.feature_norm, architecture=arch.architecture)
     else:
         config = ModelConfig(splits.labels, args.n_mels, args.n_fft, args.hop_length, args.channel_list, args.dropout,
-                             feature_norm=args.feature_norm)
+                             feature_norm=args.feature_norm, architecture=args.architecture)
     model = KeywordCNN(config)
     if base is not None:
         initialise_from_base(model, base)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: log-mel({config.n_mels}) + CNN{config.channels}, {n_params:,} parameters")
+    log(f"model: log-mel({config.n_mels}) + {config.architecture}{config.channels}, {n_params:,} parameters")
 
     # Training crop: long enough for the longest clip even when slowed down by augmentation.
     if args.clip_seconds > 0:

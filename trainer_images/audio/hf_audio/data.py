@@ -14,23 +14,6 @@ import torch
 
 
 
-def length_buckets(lengths: list[int], batch_size: int, bucket_batches: int, generator: torch.Generator) -> list[list[int]]:
-    """Batches of similar duration, in random order.
-
-    Shuffle, cut into buckets of `bucket_batches` batches, sort each bucket by duration, cut it
-    into batches, shuffle the batches. Each batch is then padded only to its own longest clip,
-    which is nearly everyone's length, instead of the longest clip of the data set; the
-    shuffling keeps batch composition and order random from epoch to epoch.
-    """
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    bucket = batch_size * bucket_batches
-    batches = []
-    for start in range(0, len(order), bucket):
-        chunk = sorted(order[start : start + bucket], key=lambda i: lengths[i], reverse=True)
-        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
-
-
 class Collator:
     """Waveforms -> the model's inputs, through the base's own feature extractor.
 

@@ -13,12 +13,13 @@ import torch
 from torch import nn
 
 from audio_trainer.evaluate import summarise
+from trainer_core.batching import length_buckets, sorted_batches
 from trainer_core.fit import Checkpoint, Plan, Recipe, Runtime, TrainState, adamw, fit, linear_schedule, plan
 from trainer_core.manifest import Clip
 from trainer_core.progress import log
 
 from .args import FineTuningArguments
-from .data import Collator, length_buckets
+from .data import Collator
 
 CHECKPOINT_NAME = "hf-audio-checkpoint.pt"
 
@@ -56,10 +57,8 @@ def predict(model, collator: Collator, waves: list[np.ndarray], runtime: Runtime
     """Logits [N, n_labels] in the given order; batches of similar length, truncated to max_samples."""
     was_training = model.training
     model.eval()
-    order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
     out = np.zeros((len(waves), model.config.num_labels), dtype=np.float32)
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    for idx in sorted_batches([len(a) for a in waves], batch_size):
         inputs = collator([crop(waves[i], max_samples, None) for i in idx])
         with runtime.autocast():
             logits = model(**{k: v.to(runtime.device) for k, v in inputs.items()}).logits

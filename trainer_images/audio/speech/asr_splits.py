@@ -62,24 +62,3 @@ def make_splits(utts: list[Clip], args: ASRArguments) -> Splits:
         eval_split = "validation"
         notes.append("no test split: the reported metrics are on the validation split, which also chose the best epoch")
     return Splits(train, validation, test, eval_split, notes)
-
-
-def bucketed_batches(utts: list[Clip], batch_size: int, rng: random.Random | None) -> list[list[Clip]]:
-    """Batches of similar length, so padding (and wasted compute) stays small.
-
-    For training (`rng` given) the clips are shuffled, grouped into mega-batches of 50 batches,
-    sorted by length inside each and cut into batches, whose order is shuffled again: every epoch
-    sees different neighbours, yet each batch holds clips of nearly the same length (as
-    transformers' LengthGroupedSampler does). For evaluation everything is simply sorted."""
-    if rng is None:
-        ordered = sorted(utts, key=lambda u: len(u.audio))
-        return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-    shuffled = list(utts)
-    rng.shuffle(shuffled)
-    mega = 50 * batch_size
-    batches = []
-    for start in range(0, len(shuffled), mega):
-        group = sorted(shuffled[start : start + mega], key=lambda u: len(u.audio), reverse=True)
-        batches += [group[i : i + batch_size] for i in range(0, len(group), batch_size)]
-    rng.shuffle(batches)
-    return batches

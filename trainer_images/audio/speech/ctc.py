@@ -14,22 +14,23 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from trainer_core.batching import length_buckets, sorted_batches
 from trainer_core.fit import Checkpoint, Plan, Recipe, Runtime, TrainState, adamw, fit, linear_schedule, plan
 from trainer_core.progress import log
 from trainer_core.manifest import Clip
 
 from . import SAMPLE_RATE
 from .asr_args import ASRArguments
-from .asr_splits import Splits, bucketed_batches
+from .asr_splits import Splits
 from .vocab import normalise
 
 CHECKPOINT_NAME = "speech-asr-checkpoint.pt"
+BUCKET_BATCHES = 50  # batches per length bucket (as transformers' LengthGroupedSampler's mega-batches)
 COLLAPSED = 0.9  # share of held-out clips transcribed as nothing that is a collapse, not a weak model
 MOSTLY_EMPTY = 0.3  # ... that deserves a warning
 
@@ -72,7 +73,7 @@ def evaluate(model, batcher: Batcher, utts: list[Clip], batch_size: int, runtime
     refs, hyps, order = [], [], []
     loss_sum, loss_n = 0.0, 0
     with torch.no_grad():
-        for batch in bucketed_batches(utts, batch_size, None):
+        for batch in [[utts[i] for i in idx] for idx in sorted_batches([len(u.audio) for u in utts], batch_size)]:
             inputs = batcher.inputs(batch)
             with runtime.autocast():
                 out = model(**inputs, labels=batcher.labels(batch))
@@ -119,8 +120,9 @@ class CTCRecipe(Recipe):
         self.model, self.batcher, self.splits, self.args, self.runtime = model, batcher, splits, args, runtime
 
     def batches(self, epoch: int, generator: torch.Generator):
-        rng = random.Random(int(torch.randint(0, 2**62, (1,), generator=generator)))
-        return bucketed_batches(self.splits.train, self.args.batch_size, rng)
+        train = self.splits.train
+        for idx in length_buckets([len(u.audio) for u in train], self.args.batch_size, BUCKET_BATCHES, generator):
+            yield [train[i] for i in idx]
 
     def loss(self, batch: list[Clip]):
         inputs = self.batcher.inputs(batch)
