@@ -11,16 +11,16 @@ def test_a_small_data_set_trains_for_min_steps_before_early_stopping_may_end_it(
     epochs and a short patience, the run used to stop after a few dozen steps, having learned
     nothing. Unless the user set `epochs`, the run is lengthened to min_steps, and early stopping
     waits for them; the model card says so."""
-    hps = {"batch_size": "16", "learning_rate": "0.003", "seed": "0", "patience": "1", "min_steps": "60",
+    hps = {"batch_size": "16", "learning_rate": "0.003", "seed": "0", "patience": "1", "min_steps": "150",
            "epochs": None}
     ws = Workspace(tmp_path / "ws", _tiny_data(tmp_path), {k: v for k, v in {**HPS, **hps}.items() if v is not None})
     result = ws.run()
     assert result.returncode == 0, result.stderr[-3000:]
     steps = [p["step"] for p in progress_lines(result.stdout)]
-    assert steps[-1] >= 60, steps  # patience 1 alone would have ended it within a few epochs
+    assert steps[-1] >= 150, steps  # patience 1 alone would have ended it within a few epochs
     metrics = ws.metrics()
-    assert any("lengthened" in n and "min_steps=60" in n for n in metrics["notes"]), metrics["notes"]
-    assert "min_steps=60" in (ws.model / "model_card.md").read_text()
+    assert any("lengthened" in n and "min_steps=150" in n for n in metrics["notes"]), metrics["notes"]
+    assert "min_steps=150" in (ws.model / "model_card.md").read_text()
 
 
 def test_epochs_the_user_set_are_kept_and_the_card_says_what_they_cost(tmp_path):

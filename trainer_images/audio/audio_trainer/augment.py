@@ -2,7 +2,7 @@
 
 A keyword set usually has few speakers; the model must not learn *them*. Each training example
 is, in order:
-1. speed/pitch perturbed: resampled by a random factor (0.85-1.15), which moves pitch and
+1. speed/pitch perturbed: resampled by a random factor (0.7-1.3), which moves pitch and
    formants together, like a different vocal tract (Ko et al., 2015);
 2. placed at a random offset in a fixed-length window (time shift and padding), or randomly
    cropped when longer;
