@@ -29,7 +29,7 @@ def main() -> int:
     parser.add_argument("--api", default="http://127.0.0.1:8000")
     parser.add_argument("--out", type=Path, default=Path(".run/demo"))
     parser.add_argument("--model-name", default="keywords")
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the trainer's own recipe")
     parser.add_argument("--repeats", type=int, default=3, help="takes of each word per training voice")
     args = parser.parse_args()
 
@@ -44,7 +44,7 @@ def main() -> int:
     key = Config.load(url=args.api).key  # RETRAIN_API_KEY, or the local stack's .run/admin.key
     client = httpx.Client(base_url=args.api, headers={"Authorization": f"Bearer {key}"} if key else {}, timeout=120)
     spec = {"task": "audio_classification", "model_name": args.model_name,
-            "hyperparameters": {"epochs": args.epochs, "batch_size": 32, "seed": 0}}
+            "hyperparameters": {"batch_size": 32, "seed": 0, **({"epochs": args.epochs} if args.epochs else {})}}
     response = client.post("/v1/jobs", data={"spec": json.dumps(spec)}, files={
         "dataset": ("dataset.csv", train_csv.read_bytes(), "text/csv"),
         "audio": ("train.zip", train_zip.read_bytes(), "application/zip"),

@@ -138,6 +138,9 @@ class Settings(BaseSettings):
     output_max_bytes: int = 32 * 1024**3
     # Small files the worker reads itself (output/failure, metrics.json).
     output_small_file_max_bytes: int = 1024**2
+    # The feature cache (worker/feature_cache.py): decoded audio a built-in trainer leaves in
+    # output/cache, stored per model and staged for its next job; a larger cache is not kept.
+    feature_cache_max_bytes: int = 8 * 1024**3
     # Caps on a job's spec.resources (worker side; a job asking for more fails with a reason).
     # Unset: memory = half of this host's RAM, cpus = this host's CPU count, gpus = the worker's.
     # These caps are also the process runner's limits when the spec leaves a resource unset.

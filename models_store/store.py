@@ -9,6 +9,8 @@
     models/<name>/versions/<N>/metrics.json, *.png, model_card.md        for people and dashboards
     models/<name>/versions/<N>/version.json                              lineage; written last = version complete
     models/<name>/aliases/<alias>.json                                   {"version": N}: latest, production, ...
+    models/<name>/feature-cache/audio-<rate>.json, audio-<rate>.f32      decoded audio of the model's last job
+                                                                         (a built-in trainer's; its next job reuses it)
 
 Model names are per tenant: the `models/` tree above is the local tenant's (and every model from
 before tenants); tenant T's is the same tree under `tenants/T/models/`. `store.for_tenant(T)` is
@@ -239,6 +241,9 @@ class ModelStore:
 
     def version_prefix(self, name: str, version: int) -> str:
         return f"{self.models_root}{name}/versions/{version}/"
+
+    def feature_cache_prefix(self, name: str) -> str:
+        return f"{self.models_root}{name}/feature-cache/"
 
     def artifact_key(self, name: str, version: int) -> str:
         return self.version_prefix(name, version) + "model.tar.gz"

@@ -29,6 +29,7 @@ from jobs.settings import Settings
 from jobs.spec import JobMessage, Task
 from models_store import ModelStore, store_unavailable
 from worker.events import EventPublisher, RelayLimits, TrainerOutputRelay
+from worker.feature_cache import collect_feature_cache, publish_feature_cache, uses_feature_cache
 from worker.gpus import GpuAllocator
 from worker.lease import JobLease, LeaseKeeper, Taken
 from worker.outputs import OutputsTooLarge, collect_results
@@ -151,6 +152,8 @@ class JobExecution:
                 collect_results(workspace, results, self.settings)  # link-free, bounded copies
             except OutputsTooLarge as err:
                 return Outcome.failed(str(err))
+            if uses_feature_cache(self.message):
+                collect_feature_cache(workspace.root, results / "cache", self.settings.feature_cache_max_bytes)
             (results / "complete").touch()
         if spec.task == Task.transcribe:
             # A transcription makes no model: its outputs (transcripts, report) belong to the job.
@@ -164,6 +167,8 @@ class JobExecution:
                 "trainer": self.message.trainer, "image": self.runner.image_for(self._request(())),
             },
         ))
+        # The decoded audio for the model's next job: worth keeping, not worth failing the job for.
+        self._best_effort(lambda: publish_feature_cache(self.store, spec.model_name, results / "cache"))
         if spec.promote is not None:
             self._retry("decide the promotion", lambda: self._promote(info, results / "model"))
         return Outcome.succeeded(model_name=spec.model_name, model_version=info.version, metrics=_headline(info.metrics))

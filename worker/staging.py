@@ -14,6 +14,7 @@ from jobs.archive import ArchiveError, ArchiveLimits, extract_archive, normalize
 from jobs.settings import get_settings
 from jobs.spec import JobMessage
 from models_store import ModelStore
+from worker.feature_cache import stage_feature_cache, uses_feature_cache
 from worker.workspace import Workspace
 
 
@@ -28,6 +29,11 @@ def stage_inputs(store: ModelStore, message: JobMessage, workspace: Workspace, l
     workspace.prepare(spec.hyperparameters.for_trainer(), job)
 
     stage_dataset(store, inputs.dataset, inputs.audio, workspace.channel("train"), limits)
+
+    cache = workspace.channel("cache")
+    shutil.rmtree(cache, ignore_errors=True)
+    if uses_feature_cache(message):
+        stage_feature_cache(store, message, cache, get_settings().feature_cache_max_bytes)
 
     model = workspace.channel("model")
     shutil.rmtree(model, ignore_errors=True)

@@ -2,7 +2,8 @@
 
 1. Read the paths (SM_* variables) and the hyperparameters (strings, parsed to their types).
 2. Load the base model, if the model channel holds one, to know its labels and architecture.
-3. Read dataset.csv (and the validation channel's), decode every clip to 16 kHz mono in memory.
+3. Read dataset.csv (and the validation channel's), decode every clip to 16 kHz mono in memory
+   (a clip the feature cache of the model's earlier jobs holds is not decoded again).
 4. Split: honour the `split` column / validation channel, otherwise stratify with a fixed seed.
 5. Build the model (from the base config when continuing) and copy the base weights in.
 6. Train with augmentation, early stopping on validation (never before min_steps optimizer steps),
@@ -20,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import time
 
@@ -50,9 +50,8 @@ def _fingerprint(args: TrainingArguments, splits, base) -> str:
 def run(paths: Paths) -> dict:
     import torch  # imported here so argument errors are reported before torch's import cost
 
-    from trainer_core.audio import load_audio
+    from trainer_core.audio import load_job_data
     from trainer_core.fit import Runtime
-    from trainer_core.manifest import read_manifest
 
     from .base import initialise_from_base, load_base
     from .data import make_splits
@@ -80,17 +79,7 @@ def run(paths: Paths) -> dict:
         base = load_base(paths.base_model_dir)
 
     # 3. The data, decoded once.
-    clips = read_manifest(paths.train_dir, "train", "label")
-    channels = {"train": paths.train_dir}
-    if paths.validation_dir is not None:
-        val_rows = read_manifest(paths.validation_dir, "validation", "label")
-        for c in val_rows:
-            c.split = "validation"  # the validation channel is validation, whatever its split column says
-        clips += val_rows
-        channels["validation"] = paths.validation_dir
-    load_audio(clips, channels, workers=max(2, os.cpu_count() or 1))
-    seconds = sum(len(c.audio) for c in clips) / SAMPLE_RATE
-    log(f"decoded {len(clips)} clips ({seconds:.1f} s of audio) in {time.monotonic() - started:.1f}s")
+    clips = load_job_data(paths, "label")
 
     # 4. Splits.
     splits = make_splits(clips, args.validation_fraction, args.test_fraction, args.seed,

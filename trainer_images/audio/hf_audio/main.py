@@ -3,7 +3,8 @@
 1. Read the paths (SM_* variables) and the hyperparameters (strings, parsed to their types).
 2. Check the base model directory is data only (no custom code, no pickles), then read its
    feature extractor: its sampling rate is the rate every clip is resampled to.
-3. Read dataset.csv (and the validation channel's) and decode every clip once into memory.
+3. Read dataset.csv (and the validation channel's) and decode every clip once into memory (or take
+   it from the feature cache of the model's earlier jobs).
 4. Split: honour the `split` column / validation channel, otherwise stratify with a fixed seed.
 5. Load the base with a classification head sized to the job's labels; freeze the feature encoder.
 6. Fine-tune on length-bucketed batches with early stopping on validation loss and a checkpoint
@@ -21,7 +22,6 @@ import dataclasses
 import hashlib
 import inspect
 import json
-import os
 import random
 import time
 from pathlib import Path
@@ -82,9 +82,8 @@ def run(paths: Paths) -> dict:
     from audio_trainer.data import make_splits
     from audio_trainer.evaluate import held_out_report
     from audio_trainer.export import copy_plots
-    from trainer_core.audio import load_audio
+    from trainer_core.audio import load_job_data
     from trainer_core.fit import Runtime
-    from trainer_core.manifest import read_manifest
 
     from .args import parse_hyperparameters
     from .base import inspect_base, load_feature_extractor, load_model
@@ -111,17 +110,7 @@ def run(paths: Paths) -> dict:
         raise TrainerError("The base model's feature extractor has no sampling_rate.")
 
     # 3. The data, decoded once at the model's rate.
-    clips = read_manifest(paths.train_dir, "train", "label")
-    channels = {"train": paths.train_dir}
-    if paths.validation_dir is not None:
-        val_rows = read_manifest(paths.validation_dir, "validation", "label")
-        for c in val_rows:
-            c.split = "validation"  # the validation channel is validation, whatever its split column says
-        clips += val_rows
-        channels["validation"] = paths.validation_dir
-    load_audio(clips, channels, workers=max(2, os.cpu_count() or 1), rate=rate)
-    seconds = sum(len(c.audio) for c in clips) / rate
-    log(f"decoded {len(clips)} clips ({seconds:.1f} s of audio at {rate} Hz) in {time.monotonic() - started:.1f}s")
+    clips = load_job_data(paths, "label", rate)
 
     # 4. Splits (the CNN trainer's rules; a classifier base keeps its label order).
     splits = make_splits(clips, args.validation_fraction, args.test_fraction, args.seed, base_labels=base.labels)

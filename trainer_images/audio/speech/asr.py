@@ -2,7 +2,7 @@
 
 1. Read the paths (SM_* variables) and the hyperparameters (strings, parsed to their types).
 2. Read dataset.csv (`audio,text[,split]`, and the validation channel's), decode every file once to
-   16 kHz mono (video files through ffmpeg).
+   16 kHz mono (video files through ffmpeg), or take it from the feature cache of earlier jobs.
 3. Split (asr_splits.py): honour the `split` column / validation channel, otherwise a seeded random
    split into train/validation/test. The test split never trains and never chooses an epoch.
 4. Normalise the transcripts and build the character vocabulary from the training split; with a
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -36,10 +35,9 @@ from pathlib import Path
 import numpy as np
 
 from trainer_core.args import Paths, read_arguments
-from trainer_core.audio import load_audio
+from trainer_core.audio import load_job_data
 from trainer_core.contract import run_main
 from trainer_core.errors import TrainerError
-from trainer_core.manifest import read_manifest
 from trainer_core.model_dir import check_model_dir, find_model_dir
 from trainer_core.progress import log
 
@@ -70,15 +68,7 @@ def run(paths: Paths) -> dict:
         check_model_dir(base_dir)  # before spending time on the data
 
     # 2. Data, decoded once.
-    utts = read_manifest(paths.train_dir, "train", "text")
-    channels = {"train": paths.train_dir}
-    if paths.validation_dir is not None:
-        for u in (val := read_manifest(paths.validation_dir, "validation", "text")):
-            u.split = "validation"
-        utts += val
-        channels["validation"] = paths.validation_dir
-    load_audio(utts, channels, workers=max(2, os.cpu_count() or 1))
-    log(f"decoded {len(utts)} files ({sum(u.seconds for u in utts):.1f} s of audio) in {time.monotonic() - started:.1f}s")
+    utts = load_job_data(paths, "text")
 
     # 3. Splits; overlong clips stay out of training only (they are still evaluated).
     splits = make_splits(utts, args)

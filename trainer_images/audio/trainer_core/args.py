@@ -40,6 +40,7 @@ class Paths:
     output_dir: Path
     output_data_dir: Path
     checkpoint_dir: Path
+    cache_dir: Path | None  # the `cache` channel: decoded audio of earlier jobs (feature_cache.py)
     num_gpus: int | None
     num_cpus: int | None
 
@@ -75,6 +76,7 @@ class Paths:
             output_dir=output_dir,
             output_data_dir=_env_path("SM_OUTPUT_DATA_DIR", output_dir / "data"),
             checkpoint_dir=_env_path("SM_CHECKPOINT_DIR", ML_ROOT / "checkpoints"),
+            cache_dir=channel("cache"),
             num_gpus=as_int("SM_NUM_GPUS"),
             num_cpus=as_int("SM_NUM_CPUS"),
         )
@@ -82,6 +84,11 @@ class Paths:
     @property
     def failure_file(self) -> Path:
         return self.output_dir / "failure"
+
+    @property
+    def cache_output_dir(self) -> Path:
+        """Where the trainer leaves its decoded audio for the next job of the model."""
+        return self.output_dir / "cache"
 
     def job(self) -> dict:
         """job.json (task, model_name, base, job_id): only used for the model card and lineage."""

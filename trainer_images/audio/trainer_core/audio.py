@@ -9,16 +9,21 @@ stream, mixes down, resamples and pipes raw float32.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from math import gcd
 from pathlib import Path
 
 import numpy as np
 
+from .args import Paths
 from .errors import TrainerError
-from .manifest import Clip, resolve
+from .feature_cache import AudioCache, file_digest
+from .manifest import Clip, read_manifest, resolve
+from .progress import log
 
 SAMPLE_RATE = 16_000
 FFMPEG_TIMEOUT_S = 3600
@@ -64,19 +69,51 @@ def decode(path: Path | str, rate: int = SAMPLE_RATE) -> np.ndarray:
     return np.ascontiguousarray(audio, dtype=np.float32)
 
 
-def load_audio(clips: list[Clip], channels: dict[str, Path], workers: int, rate: int = SAMPLE_RATE) -> None:
+def load_audio(clips: list[Clip], channels: dict[str, Path], workers: int, rate: int = SAMPLE_RATE,
+               cache: AudioCache | None = None) -> int:
     """Decode every clip once into memory, in parallel threads (libsndfile, scipy and ffmpeg do the
-    heavy parts outside the GIL). A clip shorter than one 25 ms analysis window is refused."""
+    heavy parts outside the GIL); a clip whose file the cache holds (same bytes, same rate) is
+    taken from it instead. A clip shorter than one 25 ms analysis window is refused. Returns how
+    many clips came from the cache."""
     paths = [resolve(channels[c.source], c) for c in clips]
+    cache = cache or AudioCache({}, None, rate)
 
-    def work(i: int) -> np.ndarray:
+    def work(i: int) -> tuple[str, np.ndarray, bool]:
+        digest = file_digest(paths[i])
+        cached = cache.get(digest)
+        if cached is not None:
+            return digest, cached, True
         try:
-            return decode(paths[i], rate)
+            return digest, decode(paths[i], rate), False
         except Exception as e:  # noqa: BLE001 - becomes the job's reason, naming the row
             raise TrainerError(f"{clips[i].where}: the audio file could not be decoded ({e}).") from None
 
+    hits = 0
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for clip, audio in zip(clips, pool.map(work, range(len(clips)))):
+        for clip, (digest, audio, hit) in zip(clips, pool.map(work, range(len(clips)))):
             if audio.size < rate // 40:
                 raise TrainerError(f"{clip.where}: the audio file is empty or shorter than 25 ms.")
-            clip.audio, clip.rate = audio, rate
+            clip.audio, clip.rate, clip.digest = audio, rate, digest
+            hits += hit
+    return hits
+
+
+def load_job_data(paths: Paths, target: str | None, rate: int = SAMPLE_RATE) -> list[Clip]:
+    """The job's clips, decoded once: the train channel's dataset.csv and the validation channel's
+    (its rows are validation, whatever their split column says); clips the feature cache holds are
+    taken from it, and this job's decoded clips are left as the cache for the next job."""
+    started = time.monotonic()
+    clips = read_manifest(paths.train_dir, "train", target)
+    channels = {"train": paths.train_dir}
+    if paths.validation_dir is not None:
+        validation = read_manifest(paths.validation_dir, "validation", target)
+        for c in validation:
+            c.split = "validation"
+        clips += validation
+        channels["validation"] = paths.validation_dir
+    cache = AudioCache.open(paths.cache_dir, rate)
+    hits = load_audio(clips, channels, workers=max(2, os.cpu_count() or 1), rate=rate, cache=cache)
+    log(f"{len(clips)} clips ({sum(c.seconds for c in clips):.1f} s of audio at {rate} Hz): {len(clips) - hits} decoded, "
+        f"{hits} from the feature cache, in {time.monotonic() - started:.1f}s")
+    cache.save(paths.cache_output_dir, clips)
+    return clips

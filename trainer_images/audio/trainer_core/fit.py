@@ -247,6 +247,16 @@ def fit(model: nn.Module, recipe: Recipe, optimizer: torch.optim.Optimizer, lr_a
         state.initial = recipe.validate()
         log("before training: " + _figures(state.initial))
 
+    def step() -> None:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(state.step)
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(params, plan.max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+
     while not state.finished and state.epoch < plan.epochs:
         epoch = state.epoch + 1
         started = time.monotonic()
@@ -254,10 +264,10 @@ def fit(model: nn.Module, recipe: Recipe, optimizer: torch.optim.Optimizer, lr_a
         # whether or not the run was interrupted before this epoch.
         generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
         model.train()
-        loss_sum, seen = 0.0, 0
+        loss_sum, seen, pending = 0.0, 0, 0
         optimizer.zero_grad(set_to_none=True)
-        batches = list(recipe.batches(epoch, generator))
-        for i, batch in enumerate(batches):
+
+        for batch in recipe.batches(epoch, generator):  # made as they are used: an epoch is never all in memory
             loss, n = recipe.loss(batch)
             if not torch.isfinite(loss):
                 raise TrainerError(f"The training loss became {loss.item()} at epoch {epoch}; lower learning_rate.")
@@ -265,15 +275,12 @@ def fit(model: nn.Module, recipe: Recipe, optimizer: torch.optim.Optimizer, lr_a
             scaler.scale(loss * n / (plan.batch_size * plan.accumulation)).backward()
             loss_sum += loss.item() * n
             seen += n
-            if (i + 1) % plan.accumulation == 0 or i + 1 == len(batches):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(state.step)
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(params, plan.max_grad_norm)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
+            pending += 1
+            if pending == plan.accumulation:
+                step()
+                pending = 0
+        if pending:  # the epoch's last, partial accumulation
+            step()
 
         figures = {"train_loss": loss_sum / max(1, seen), **recipe.validate(), **recipe.epoch_figures(),
                    "learning_rate": optimizer.param_groups[0]["lr"]}

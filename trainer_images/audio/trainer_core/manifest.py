@@ -33,6 +33,7 @@ class Clip:
     text: str = ""  # transcript (speech recognition)
     audio: np.ndarray | None = None  # float32 mono, decoded by trainer_core.audio.load_audio
     rate: int = 16_000  # of `audio`
+    digest: str = ""  # sha256 of the file's bytes (trainer_core.feature_cache)
 
     @property
     def where(self) -> str:
