@@ -12,7 +12,10 @@ and prints clips per second of each and the ratios. The log-mel itself is comput
 on the fly (it is their first layer, on the GPU when there is one), so `decode` and `cache` end
 where training starts, as `seed` did.
 
-    .venv-trainer/bin/python bench/feature_cache.py [--clips-per-voice 10] [--seed-python /path/to/python]
+    .venv-trainer/bin/python bench/feature_cache.py [--clips-per-voice 5] [--format wav|mp3] [--seed-python PYTHON]
+
+`--format mp3` re-encodes every clip as 44.1 kHz mp3 (ffmpeg), as phone recordings arrive: then
+each clip is decoded by ffmpeg and resampled, which is what the cache saves a retrain.
 
 `seed` needs librosa, which the trainer image does not: `--seed-python` names an interpreter that
 has it (e.g. `python3 -m venv /tmp/lb && /tmp/lb/bin/pip install librosa soundfile`).
@@ -40,11 +43,16 @@ SEED_WAY = textwrap.dedent("""
     import librosa
     root = Path(sys.argv[1])
     rows = list(csv.DictReader((root / "dataset.csv").open()))
+    # The first clip also pays librosa's warm-up (numba compiling the mel code), as each job's
+    # fresh trainer process did; it is timed apart.
     started = time.perf_counter()
+    y, sr = librosa.load(root / rows[0]["audio"], sr=16000)
+    librosa.feature.melspectrogram(y=y, sr=sr, n_fft=400, hop_length=160, n_mels=40)
+    warm = time.perf_counter()
     for row in rows:
         y, sr = librosa.load(root / row["audio"], sr=16000)
         librosa.feature.melspectrogram(y=y, sr=sr, n_fft=400, hop_length=160, n_mels=40)
-    print(json.dumps({"clips": len(rows), "seconds": time.perf_counter() - started}))
+    print(json.dumps({"clips": len(rows), "seconds": time.perf_counter() - warm, "warm_up": warm - started}))
 """)
 
 
@@ -64,10 +72,32 @@ def ours(data: Path, out: Path, cache: Path | None) -> tuple[int, float]:
     return len(clips), time.perf_counter() - started
 
 
+def to_mp3(data: Path) -> None:
+    import csv
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows = list(csv.DictReader((data / "dataset.csv").open()))
+
+    def convert(row: dict) -> None:
+        wav = data / row["audio"]
+        subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-i", str(wav), "-ar", "44100", "-b:a", "64k",
+                        str(wav.with_suffix(".mp3"))], check=True)
+        wav.unlink()
+        row["audio"] = str(Path(row["audio"]).with_suffix(".mp3"))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(convert, rows))
+    with (data / "dataset.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\\n\\n")[0])
     ap.add_argument("--clips-per-voice", type=int, default=5, help="takes of each word by each training voice")
     ap.add_argument("--seed-python", default=sys.executable, help="an interpreter with librosa, for the seed's way")
+    ap.add_argument("--format", choices=("wav", "mp3"), default="wav", help="the clips as 16 kHz wav, or as 44.1 kHz mp3")
     args = ap.parse_args()
 
     from bench.common import table
@@ -77,21 +107,28 @@ def main() -> int:
     try:
         data = work / "data"
         sw.make_dataset(data, sw.DEFAULT_WORDS, sw.TRAIN_VOICES + sw.EXTRA_TRAIN_VOICES, repeats=args.clips_per_voice, seed=0)
+        if args.format == "mp3":
+            to_mp3(data)
         rows = []
         seed = subprocess.run([args.seed_python, "-c", SEED_WAY, str(data)], capture_output=True, text=True)
         if seed.returncode == 0:
             result = json.loads(seed.stdout.strip().splitlines()[-1])
             seed_rate = result["clips"] / result["seconds"]
-            rows.append(["seed: librosa.load + melspectrogram", result["clips"], round(result["seconds"], 2), round(seed_rate, 1), 1.0])
+            cold = result["seconds"] + result["warm_up"]
+            rows.append(["seed, warmed: librosa.load + melspectrogram", result["clips"], round(result["seconds"], 2),
+                         round(seed_rate, 1), 1.0])
+            rows.append(["seed, in a fresh process (+ its warm-up)", result["clips"], round(cold, 2),
+                         round(result["clips"] / cold, 1), round(result["clips"] / cold / seed_rate, 2)])
         else:
             seed_rate = None
-            rows.append(["seed: librosa.load + melspectrogram", "", "not run: " + (seed.stderr.strip().splitlines() or ["?"])[-1], "", ""])
+            rows.append(["seed, warmed: librosa.load + melspectrogram", "", "not run: " + (seed.stderr.strip().splitlines() or ["?"])[-1], "", ""])
         n, first = ours(data, work / "first", None)
         n2, again = ours(data, work / "again", work / "first" / "output" / "cache")
         for name, count, seconds in (("decode (first job, no cache)", n, first), ("cache (retrain, same data)", n2, again)):
             rate = count / seconds
             rows.append([name, count, round(seconds, 2), round(rate, 1), round(rate / seed_rate, 1) if seed_rate else ""])
-        print(table(["way", "clips", "seconds", "clips/s", "x seed"], rows))
+        print(f"{args.format} clips")
+        print(table(["way", "clips", "seconds", "clips/s", "x seed (warmed)"], rows))
         return 0
     finally:
         shutil.rmtree(work, ignore_errors=True)
