@@ -119,6 +119,14 @@ def plot_confusion(matrix: list[list[int]], labels: list[str], title: str, path:
     plt.close(fig)
 
 
+def subset_scores(labels: list[str], eval_clips, logits: np.ndarray, state) -> dict:
+    """What a learning-curve point of a classifier reports (trainer_core/learning_curve.py)."""
+    y_true = np.array([labels.index(c.label) for c in eval_clips])
+    report = full_report(y_true, logits.argmax(1), labels)
+    return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"], "epochs_run": state.epoch,
+            "best_epoch": state.best_epoch}
+
+
 def held_out_report(splits, state, eval_clips, logits: np.ndarray, out_dir: Path) -> tuple[dict, list[Path]]:
     """What every classifier in this image reports on its held-out split: metrics.json's common
     keys (sizes, best epoch, per-class, confusion matrix) and the curve and confusion PNGs."""

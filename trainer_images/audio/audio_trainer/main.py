@@ -130,7 +130,7 @@ def run(paths: Paths) -> dict:
     # 7b. Learning curve: the same recipe (seed, splits, epochs, early stopping, starting point) on
     # subsets of the training split; each subset has its own checkpoint folder, so a rerun resumes.
     if args.learning_curve:
-        from .evaluate import full_report
+        from .evaluate import subset_scores
         from trainer_core.learning_curve import run_learning_curve
 
         def train_and_score(subset, tag):
@@ -145,10 +145,7 @@ def run(paths: Paths) -> dict:
                                  paths.checkpoint_dir / tag, _fingerprint(args, sub_splits, base) + tag)
             sub_model.to("cpu")
             sub_logits = predict(sub_model, [c.audio for c in eval_clips], torch.device("cpu"), args.batch_size)
-            y_true = np.array([splits.labels.index(c.label) for c in eval_clips])
-            sub_report = full_report(y_true, sub_logits.argmax(1), splits.labels)
-            return {"accuracy": sub_report["accuracy"], "macro_f1": sub_report["macro_f1"],
-                    "epochs_run": sub_state.epoch, "best_epoch": sub_state.best_epoch}
+            return subset_scores(splits.labels, eval_clips, sub_logits, sub_state)
 
         plots.append(paths.output_data_dir / "learning_curve.png")
         metrics["learning_curve"] = run_learning_curve(

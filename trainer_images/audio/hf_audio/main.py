@@ -143,7 +143,7 @@ def run(paths: Paths) -> dict:
 
     # 7b. Learning curve: the same recipe from the same base on subsets of the training split.
     if args.learning_curve:
-        from audio_trainer.evaluate import full_report
+        from audio_trainer.evaluate import subset_scores
         from trainer_core.learning_curve import parse_fractions, run_learning_curve
 
         def train_and_score(subset, tag):
@@ -155,10 +155,7 @@ def run(paths: Paths) -> dict:
                                  paths.checkpoint_dir / tag, _fingerprint(args, sub_splits, base) + tag)
             sub_logits = predict(sub_model, collator, [c.audio for c in eval_clips], runtime, args.batch_size,
                                  int(args.max_eval_length_seconds * rate))
-            y_true = np.array([splits.labels.index(c.label) for c in eval_clips])
-            report = full_report(y_true, sub_logits.argmax(1), splits.labels)
-            return {"accuracy": report["accuracy"], "macro_f1": report["macro_f1"],
-                    "epochs_run": sub_state.epoch, "best_epoch": sub_state.best_epoch}
+            return subset_scores(splits.labels, eval_clips, sub_logits, sub_state)
 
         plots.append(paths.output_data_dir / "learning_curve.png")
         metrics["learning_curve"] = run_learning_curve(
