@@ -57,13 +57,23 @@ def test_trainer_lines_are_progress_only_with_the_runs_token(line, kind):
 
 
 class FolderStore:
-    """The store's download, from a local folder (staging only downloads)."""
+    """The store's reads, from a local folder (staging only reads)."""
 
     def __init__(self, root):
         self.root = root
 
     def download(self, key, dest):
         dest.write_bytes((self.root / key).read_bytes())
+
+    def feature_cache_prefix(self, name):
+        return f"models/{name}/feature-cache/"
+
+    def list_keys(self, prefix):
+        folder = self.root / prefix
+        return sorted(f"{prefix}{p.name}" for p in folder.iterdir()) if folder.is_dir() else []
+
+    def size(self, key):
+        return (self.root / key).stat().st_size
 
 
 def _message(inputs):
@@ -122,3 +132,26 @@ def test_model_channel_is_extracted_whole(tmp_path):
     _tar(tmp_path / "model.tar.gz", [(info, b"{}"), (weights, b"abc")])
     assert sorted(safe_extract(tmp_path / "model.tar.gz", tmp_path / "out")) == ["config.json", "sub/model.safetensors"]
     assert (tmp_path / "out" / "sub" / "model.safetensors").read_bytes() == b"abc"
+
+
+def test_staging_gives_the_model_s_feature_cache_as_the_cache_channel(tmp_path):
+    """Only the cache's own file names, and only for the built-in audio trainer."""
+    from worker.staging import stage_inputs
+    from worker.workspace import Workspace
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "dataset.csv").write_text("audio,label\nclips/a.wav,yes\n")
+    cache = tmp_path / "models" / "m" / "feature-cache"
+    cache.mkdir(parents=True)
+    (cache / "audio-16000.json").write_text("{}")
+    (cache / "audio-16000.f32").write_bytes(b"\0" * 8)
+    (cache / "notes.txt").write_text("not a cache file")
+    message = _message({"dataset": "in/dataset.csv"})
+    ws = Workspace(tmp_path / "ws")
+    stage_inputs(FolderStore(tmp_path), message, ws)
+    assert sorted(p.name for p in ws.channel("cache").iterdir()) == ["audio-16000.f32", "audio-16000.json"]
+
+    own_image = message.model_copy(update={"spec": message.spec.model_copy(update={"image": "acme/trainer:1"})})
+    ws2 = Workspace(tmp_path / "ws2")
+    stage_inputs(FolderStore(tmp_path), own_image, ws2)
+    assert not ws2.channel("cache").exists()
