@@ -131,11 +131,12 @@ def _synthesise(word: str, voice: Voice, speed: int, pitch: int) -> bytes:
 
 
 def _speak(word: str, voice: Voice, speed: int, pitch: int, lead: float, tail: float, gain_db: float, dest: Path) -> None:
-    """The engine -> sox: resample to 16 kHz mono 16-bit, trim the silence, pad, set the level."""
+    """The engine -> sox: resample to 16 kHz mono 16-bit, trim the silence, pad, set the level (-R: a
+    repeatable dither, so the same seed makes the same bytes)."""
     wav = _synthesise(word, voice, speed, pitch)
     dest.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run(
-        ["sox", "-q", "-t", "wav", "-", "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", "-e", "signed-integer", str(dest),
+        ["sox", "-R", "-q", "-t", "wav", "-", "-r", str(SAMPLE_RATE), "-c", "1", "-b", "16", "-e", "signed-integer", str(dest),
          # trim leading and (via reverse) trailing silence below -50 dB
          "silence", "1", "0.01", "-50d", "reverse", "silence", "1", "0.01", "-50d", "reverse",
          "pad", f"{lead:.3f}", f"{tail:.3f}",

@@ -70,8 +70,10 @@ def byo(hyperparameters: dict, **extra) -> dict:
 
 @pytest.mark.timeout(1800)
 def test_audio_job_trains_in_the_audio_image(client, keyword_data, tmp_path):
+    # 12 epochs of 4 batches: a short run, for which mixup (it pays off over long schedules) is
+    # off; with it, this run ended at 0.50 held-out accuracy (0.80 without), measured on one data set.
     spec = {"task": "audio_classification", "model_name": "keywords-docker",
-            "hyperparameters": {"epochs": 12, "batch_size": 16, "learning_rate": 0.003}}
+            "hyperparameters": {"epochs": 12, "batch_size": 16, "learning_rate": 0.003, "mixup_alpha": 0}}
     job_id = submit(client, spec, keyword_data["csv"], keyword_data["zip"]).raise_for_status().json()["id"]
     job = wait_for(client, job_id, timeout=900)
     assert job["state"] == "succeeded", job["error"]
