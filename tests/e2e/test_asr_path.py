@@ -28,10 +28,10 @@ TRAINER_PYTHON = Path(os.environ.get("RETRAIN_TRAINER_PYTHON", ROOT / ".venv-tra
 MODEL_NAME = "digits-e2e"
 SPEC = {
     "task": "asr", "model_name": MODEL_NAME,
-    # A small wav2vec2 trained from scratch for two epochs: a couple of minutes on 2 CPU cores. At
+    # A small conformer trained from scratch for two epochs: a couple of minutes on 2 CPU cores. At
     # that budget it transcribes nothing yet (blank collapse), which would fail the job: this path
     # test asks for the model anyway, and checks the warning says so.
-    "hyperparameters": {"epochs": 2, "batch_size": 4, "learning_rate": 0.002, "seed": 0, "conv_channels": 32,
+    "hyperparameters": {"epochs": 2, "batch_size": 4, "learning_rate": 0.002, "seed": 0, "conv_kernel": 7,
                         "hidden_size": 96, "num_hidden_layers": 2, "intermediate_size": 192,
                         "on_blank_collapse": "warn"},
 }

@@ -15,9 +15,10 @@ and its log-mel then gets a vocal-tract-length warp of the mel axis (VTLP, Jaitl
 2013) and SpecAugment time and frequency masks (Park et al., 2019); mixup (Zhang et al., 2018)
 blends pairs of examples and their targets (loop.py).
 
-Steps 1-6 run on the waveform batch, the rest on the features, all as batched tensor ops with an
-explicit generator so an epoch's augmentation depends only on (seed, epoch): a resumed run
-sees the same data as an uninterrupted one.
+Steps 1-6 run on the waveform batch (here), the rest on the features (trainer_core/augment.py,
+shared with the speech recogniser), all as batched tensor ops with an explicit generator so an
+epoch's augmentation depends only on (seed, epoch): a resumed run sees the same data as an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,15 +26,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from trainer_core.augment import speed
+
 from . import SAMPLE_RATE
 from .args import TrainingArguments
-
-
-def _speed(audio: np.ndarray, factor: float) -> np.ndarray:
-    """Linear-interpolation resample: factor > 1 is faster and higher."""
-    n_out = max(1, int(round(len(audio) / factor)))
-    positions = np.arange(n_out, dtype=np.float64) * factor
-    return np.interp(positions, np.arange(len(audio)), audio).astype(np.float32)
 
 
 def fit_window(audio: np.ndarray, length: int, offset_fraction: float) -> np.ndarray:
@@ -102,7 +98,7 @@ def augment_waveforms(clips: list[np.ndarray], length: int, args: TrainingArgume
     n = len(clips)
     u = torch.rand(n, 3, generator=gen).numpy()
     factors = args.speed_min + u[:, 0] * (args.speed_max - args.speed_min)
-    batch = np.stack([fit_window(_speed(a, float(f)), length, float(o)) for a, f, o in zip(clips, factors, u[:, 1])])
+    batch = np.stack([fit_window(speed(a, float(f)), length, float(o)) for a, f, o in zip(clips, factors, u[:, 1])])
     x = torch.from_numpy(batch)
     if args.reverb_probability > 0:
         x = reverberate(x, args, gen)
@@ -123,39 +119,3 @@ def augment_waveforms(clips: list[np.ndarray], length: int, args: TrainingArgume
 def fixed_windows(clips: list[np.ndarray], length: int) -> torch.Tensor:
     """No augmentation: centre each clip in the window (validation while training)."""
     return torch.from_numpy(np.stack([fit_window(a, length, 0.5) for a in clips]))
-
-
-def warp_mel_axis(logmel: torch.Tensor, args: TrainingArguments, gen: torch.Generator) -> torch.Tensor:
-    """VTLP: stretch or squeeze each example's mel axis by a random factor (a longer or shorter
-    vocal tract moves every formant by the same ratio), by linear interpolation between bins."""
-    b, _, n_mels, _ = logmel.shape
-    alpha = args.vtlp_min + torch.rand(b, 1, generator=gen) * (args.vtlp_max - args.vtlp_min)
-    source = (torch.arange(n_mels, dtype=torch.float32)[None, :] * alpha).clamp(0, n_mels - 1)
-    lower = source.floor().long()
-    upper = (lower + 1).clamp(max=n_mels - 1)
-    w = (source - lower).to(logmel.device)[:, None, :, None]
-    frames = logmel.shape[3]
-
-    def take(index: torch.Tensor) -> torch.Tensor:
-        return logmel.gather(2, index.to(logmel.device)[:, None, :, None].expand(-1, 1, -1, frames))
-
-    return (1 - w) * take(lower) + w * take(upper)
-
-
-def spec_augment(logmel: torch.Tensor, args: TrainingArguments, gen: torch.Generator) -> torch.Tensor:
-    """Zero random bands of mel bins and runs of frames, per example ([B, 1, mels, frames])."""
-    b, _, n_mels, n_frames = logmel.shape
-    mask = torch.zeros(b, 1, n_mels, n_frames, dtype=torch.bool)
-    bins = torch.arange(n_mels)[None, :]
-    frames = torch.arange(n_frames)[None, :]
-    for _ in range(args.freq_masks):
-        width = torch.randint(0, args.freq_mask_bins + 1, (b, 1), generator=gen)
-        start = (torch.rand(b, 1, generator=gen) * (n_mels - width + 1)).long()
-        mask |= ((bins >= start) & (bins < start + width))[:, None, :, None]
-    max_t = max(1, int(args.time_mask_fraction * n_frames))
-    for _ in range(args.time_masks):
-        width = torch.randint(0, max_t + 1, (b, 1), generator=gen)
-        start = (torch.rand(b, 1, generator=gen) * (n_frames - width + 1)).long()
-        mask |= ((frames >= start) & (frames < start + width))[:, None, None, :]
-    # masked cells take the utterance mean, which is 0 after the front end's normalisation
-    return logmel.masked_fill(mask.to(logmel.device), 0.0)

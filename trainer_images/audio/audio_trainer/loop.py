@@ -12,11 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainer_core.augment import spec_augment, warp_mel_axis
 from trainer_core.fit import Checkpoint, Plan, Recipe, Runtime, TrainState, adamw, cosine_schedule, fit, plan
 from trainer_core.manifest import Clip
 
 from .args import TrainingArguments
-from .augment import augment_waveforms, fixed_windows, spec_augment, warp_mel_axis
+from .augment import augment_waveforms, fixed_windows
 from .evaluate import predict, summarise
 from .model import KeywordCNN
 
@@ -55,9 +56,9 @@ class KeywordRecipe(Recipe):
         feats = self.model.frontend(waves.to(device, non_blocking=True))
         y = y.to(device, non_blocking=True)
         if self.args.augment:
-            if self.args.vtlp_min != 1.0 or self.args.vtlp_max != 1.0:
-                feats = warp_mel_axis(feats, self.args, generator)
-            feats = spec_augment(feats, self.args, generator)
+            a = self.args
+            feats = warp_mel_axis(feats, a.vtlp_min, a.vtlp_max, generator)
+            feats = spec_augment(feats, a.freq_masks, a.freq_mask_bins, a.time_masks, a.time_mask_fraction, generator)
         if self.args.augment and self.args.mixup_alpha > 0:
             # mixup: each example blended with another of the batch, the loss with both targets
             lam = float(np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))

@@ -8,8 +8,10 @@
 4. Normalise the transcripts and build the character vocabulary from the training split; with a
    base model, merge it into the base's vocabulary (base ids kept, new characters appended).
 5. The model (asr_model.py): the base (`AutoModelForCTC`, safetensors only, no remote code) with its
-   output layer resized to the merged vocabulary, or a fresh small `Wav2Vec2ForCTC` sized for a CPU.
-6. Train (ctc.py, on the shared fit driver): AdamW, linear warm-up and decay, length-bucketed
+   output layer resized to the merged vocabulary, or a fresh small conformer on log-mel features
+   (`Wav2Vec2BertForCTC`) sized for a CPU and a few hundred clips.
+6. Train (ctc.py, on the shared fit driver): each epoch every clip at one of three speeds, and on
+   log-mels a vocal-tract-length warp and SpecAugment; AdamW, linear warm-up and decay, length-bucketed
    batches, gradient accumulation and mixed precision on a GPU; WER/CER on validation every epoch;
    early stopping, never before min_steps optimizer steps; a checkpoint every epoch so a rerun resumes.
 7. Evaluate the best weights on the test split (validation when there is none): WER, CER, examples;
@@ -42,7 +44,7 @@ from trainer_core.model_dir import check_model_dir, find_model_dir
 from trainer_core.progress import log
 
 from . import FORMAT
-from .asr_args import ASRArguments
+from .asr_args import FRESH_LEARNING_RATE, ASRArguments
 from .asr_model import build_model
 from .asr_report import check_pipeline_loads, plot_curves, write_card
 from .asr_splits import make_splits
@@ -66,6 +68,8 @@ def run(paths: Paths) -> dict:
     base_dir = find_model_dir(paths.base_model_dir)
     if base_dir is not None:
         check_model_dir(base_dir)  # before spending time on the data
+    elif "learning_rate" not in args.given:
+        args.learning_rate = FRESH_LEARNING_RATE  # a model from scratch takes larger steps than a fine-tune
 
     # 2. Data, decoded once.
     utts = load_job_data(paths, "text")
@@ -97,7 +101,7 @@ def run(paths: Paths) -> dict:
 
         # 6. Training.
         freeze = {"auto": base_dir is not None, "true": True, "false": False}[args.freeze_feature_encoder.lower()]
-        batcher = Batcher(built.processor, built.uppercase, args.chars_to_ignore, runtime.device)
+        batcher = Batcher(built.processor, built.uppercase, args, runtime.device)
         state, run_plan = train(model, batcher, splits, args, runtime, paths.checkpoint_dir,
                                 fingerprint(args, splits, vocab, base_dir), freeze)
         splits.notes += run_plan.notes

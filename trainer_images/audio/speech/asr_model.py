@@ -1,5 +1,14 @@
-"""The `asr` task's vocabulary, processor and model: a fresh small wav2vec2, or the user's base
-(safetensors only, no remote code) with its output layer resized to the merged vocabulary."""
+"""The `asr` task's vocabulary, processor and model: a fresh small conformer on log-mel features,
+or the user's base (safetensors only, no remote code) with its output layer resized to the merged
+vocabulary.
+
+The fresh model is built for little data: a waveform front end (wav2vec2's convolutions) must
+learn its filters from the clips, log-mel features bring them for free (and are normalised per
+utterance and mel bin, so loudness and microphones matter less); conformer layers (Gulati et al.,
+2020: convolution for local patterns, self-attention for context) are what small-footprint
+recognisers use. transformers' `Wav2Vec2BertForCTC` is exactly that model (its feature extractor
+computes 80 log-mels per 10 ms, two frames stacked: one output per 20 ms), so the artifact
+loads with `transformers.pipeline("automatic-speech-recognition")` and nothing of ours."""
 
 from __future__ import annotations
 
@@ -12,6 +21,9 @@ from trainer_core.model_dir import SAFE_LOAD, check_model_dir
 from . import SAMPLE_RATE
 from .asr_args import ASRArguments
 from .vocab import BOS, DELIMITER, EOS, PAD, UNK, base_is_uppercase, characters, fresh_vocab, merge_vocab, normalise, write_vocab
+
+
+N_MELS = 80  # transformers' config takes 2 * N_MELS * frame_stack as the samples per output frame: 80 makes it true
 
 
 @dataclass
@@ -27,12 +39,13 @@ class Built:
 def build_model(base_dir: Path | None, train_texts_raw: list[str], args: ASRArguments, work: Path) -> Built:
     import torch
     from transformers import (
+        AutoFeatureExtractor,
         AutoModelForCTC,
-        Wav2Vec2Config,
+        SeamlessM4TFeatureExtractor,
+        Wav2Vec2BertConfig,
+        Wav2Vec2BertForCTC,
         Wav2Vec2CTCTokenizer,
         Wav2Vec2FeatureExtractor,
-        Wav2Vec2ForCTC,
-        Wav2Vec2Processor,
     )
 
     notes: list[str] = []
@@ -41,26 +54,22 @@ def build_model(base_dir: Path | None, train_texts_raw: list[str], args: ASRArgu
         vocab = fresh_vocab(characters(texts))
         tokenizer = Wav2Vec2CTCTokenizer(str(write_vocab(vocab, work)), unk_token=UNK, pad_token=PAD, bos_token=BOS,
                                          eos_token=EOS, word_delimiter_token=DELIMITER)
-        extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
-                                             do_normalize=True, return_attention_mask=True)
-        # A small wav2vec2: the standard 7-layer convolutional front end (320x down-sampling, one frame
-        # per 20 ms) with narrow channels, and a shallow transformer. Layer norm in the front end
-        # (not group norm) so padded batches with an attention mask give the same output as single clips.
-        config = Wav2Vec2Config(
+        extractor = SeamlessM4TFeatureExtractor(feature_size=N_MELS, num_mel_bins=N_MELS, sampling_rate=SAMPLE_RATE,
+                                                stride=args.frame_stack, padding_value=1.0)
+        config = Wav2Vec2BertConfig(
             vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+            feature_projection_input_dim=N_MELS * args.frame_stack,
             hidden_size=args.hidden_size, num_hidden_layers=args.num_hidden_layers,
             num_attention_heads=args.num_attention_heads, intermediate_size=args.intermediate_size,
-            conv_dim=(args.conv_channels,) * 7, conv_stride=(5, 2, 2, 2, 2, 2, 2), conv_kernel=(10, 3, 3, 3, 3, 2, 2),
-            feat_extract_norm="layer", do_stable_layer_norm=True,
-            num_conv_pos_embeddings=32, num_conv_pos_embedding_groups=4,
-            hidden_dropout=args.dropout, attention_dropout=args.dropout, activation_dropout=0.0,
-            feat_proj_dropout=0.0, final_dropout=args.dropout, layerdrop=0.0,
-            mask_time_prob=args.mask_time_prob, mask_time_length=5, mask_feature_prob=0.0,
+            conv_depthwise_kernel_size=args.conv_kernel, position_embeddings_type="rotary",
+            hidden_dropout=args.dropout, attention_dropout=args.dropout, activation_dropout=args.dropout,
+            feat_proj_dropout=args.dropout, final_dropout=args.dropout, conformer_conv_dropout=args.dropout,
+            layerdrop=0.0, add_adapter=False,
+            mask_time_prob=0.0, mask_feature_prob=0.0,  # SpecAugment is done on the log-mels (ctc.py)
             ctc_loss_reduction="mean", ctc_zero_infinity=True,
         )
-        model = Wav2Vec2ForCTC(config)
-        processor = Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
-        return Built(model, processor, False, [], None, notes)
+        model = Wav2Vec2BertForCTC(config)
+        return Built(model, processor_of(extractor, tokenizer), False, [], None, notes)
 
     # A base model: only data is read (config, safetensors, processor files).
     config_json = check_model_dir(base_dir)
@@ -91,7 +100,12 @@ def build_model(base_dir: Path | None, train_texts_raw: list[str], args: ASRArgu
     tokenizer = Wav2Vec2CTCTokenizer(str(write_vocab(vocab, work)), unk_token=unk, pad_token=pad, bos_token=bos,
                                      eos_token=eos, word_delimiter_token=delimiter)
     if (base_dir / "preprocessor_config.json").is_file():
-        extractor = Wav2Vec2FeatureExtractor.from_pretrained(str(base_dir), **SAFE_LOAD)
+        # Data only: the extractor's class comes from a fixed table of transformers' own.
+        try:
+            extractor = AutoFeatureExtractor.from_pretrained(str(base_dir), **SAFE_LOAD)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TrainerError(f"The base model's preprocessor_config.json cannot be read as a feature extractor: "
+                               f"{str(e).splitlines()[0][:300]}") from None
     else:
         extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SAMPLE_RATE, padding_value=0.0,
                                              do_normalize=True, return_attention_mask=True)
@@ -122,7 +136,7 @@ def build_model(base_dir: Path | None, train_texts_raw: list[str], args: ASRArgu
             new.bias[:keep] = old.bias[:keep]
     model.lm_head = new
     model.config.vocab_size = size
-    processor = Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
+    processor = processor_of(extractor, tokenizer)
     base_info = {
         "model_type": config_json.get("model_type"),
         "base_vocab_size": len(base_vocab),
@@ -131,3 +145,12 @@ def build_model(base_dir: Path | None, train_texts_raw: list[str], args: ASRArgu
     if added:
         notes.append(f"characters added to the base vocabulary: {''.join(added)!r}")
     return Built(model, processor, uppercase, added, base_info, notes)
+
+
+def processor_of(extractor, tokenizer):
+    """The processor class that pairs this feature extractor with a CTC tokenizer."""
+    from transformers import SeamlessM4TFeatureExtractor, Wav2Vec2BertProcessor, Wav2Vec2Processor
+
+    if isinstance(extractor, SeamlessM4TFeatureExtractor):
+        return Wav2Vec2BertProcessor(feature_extractor=extractor, tokenizer=tokenizer)
+    return Wav2Vec2Processor(feature_extractor=extractor, tokenizer=tokenizer)
