@@ -55,7 +55,7 @@ class ASRArguments(FitArguments):
     freq_masks: int = field(default=2, metadata={"help": "log-mel models: SpecAugment frequency masks per clip"})
     freq_mask_bins: int = 10
     mask_time_prob: float = field(default=0.05, metadata={
-        "help": "the model's own time masking of its hidden states (wav2vec2-style bases; 0 = off)"})
+        "help": "a base model's own time masking of its hidden states (unset: the base's config; 0 = off)"})
 
     # A fresh model (no base): log-mel input, a conformer encoder (Wav2Vec2BertForCTC), CTC
     frame_stack: int = field(default=4, metadata={

@@ -117,6 +117,7 @@ def build_model(base_dir: Path | None, train_texts_raw: list[str], args: ASRArgu
         model = AutoModelForCTC.from_pretrained(
             str(base_dir), use_safetensors=True, ctc_loss_reduction="mean", ctc_zero_infinity=True,
             pad_token_id=tokenizer.pad_token_id, **SAFE_LOAD,
+            **({"mask_time_prob": args.mask_time_prob} if "mask_time_prob" in args.given else {}),
         )
     except (ValueError, OSError, KeyError) as e:
         raise TrainerError(f"The base model ({config_json.get('model_type')}) cannot be loaded as a CTC speech model: "
