@@ -7,7 +7,7 @@ learn its filters from the clips, log-mel features bring them for free (and are 
 utterance and mel bin, so loudness and microphones matter less); conformer layers (Gulati et al.,
 2020: convolution for local patterns, self-attention for context) are what small-footprint
 recognisers use. transformers' `Wav2Vec2BertForCTC` is exactly that model (its feature extractor
-computes 80 log-mels per 10 ms, two frames stacked: one output per 20 ms), so the artifact
+computes 80 log-mels per 10 ms, `frame_stack` frames stacked: one output per 40 ms), so the artifact
 loads with `transformers.pipeline("automatic-speech-recognition")` and nothing of ours."""
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Training and evaluating the CTC recogniser: the fit driver (trainer_core/fit.py) with this
-recipe: length-bucketed batches, the model's CTC loss, greedy decoding on validation every epoch,
-CER (then WER, then loss) choosing the best epoch, AdamW with linear warm-up and decay.
+recipe: length-bucketed batches of augmented clips (after the first clean epochs), the model's CTC
+loss, greedy decoding on validation every epoch, validation loss (then CER, then WER) choosing the
+best epoch, AdamW with linear warm-up and decay.
 
 A CTC model can learn to emit only blanks (the loss falls fastest that way at first, and a fresh
 model or a poor base can stay there; seen: a fresh wav2vec2 on 400 digit strings, WER 1.0 from
