@@ -3,8 +3,8 @@
 CTC predicts one character (or the blank) per output frame (20 ms in wav2vec2, 40 ms in the fresh
 conformer), so the vocabulary is the set of characters in the transcripts, with `|` standing for
 the space between words, `<pad>` doubling as the CTC blank and `<unk>` for characters never seen
-in training. When a base model brings its own tokenizer, its ids are kept (its output layer already knows them) and new characters are appended,
-so fine-tuning starts from what the base knows instead of from a shuffled head.
+in training. When a base model brings its own tokenizer, its ids are kept (its output layer already
+knows them) and new characters are appended, so fine-tuning starts from what the base knows instead of from a shuffled head.
 """
 
 from __future__ import annotations
