@@ -9,7 +9,7 @@
     models/<name>/versions/<N>/metrics.json, *.png, model_card.md        for people and dashboards
     models/<name>/versions/<N>/version.json                              lineage; written last = version complete
     models/<name>/aliases/<alias>.json                                   {"version": N}: latest, production, ...
-    models/<name>/feature-cache/audio-<rate>.json, audio-<rate>.f32      decoded audio of the model's last job
+    models/<name>/feature-cache/audio-<rate>.cache                       decoded audio of the model's last job
                                                                          (a built-in trainer's; its next job reuses it)
 
 Model names are per tenant: the `models/` tree above is the local tenant's (and every model from

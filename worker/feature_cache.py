@@ -20,7 +20,7 @@ from worker.outputs import copy_tree
 
 log = logging.getLogger(__name__)
 
-CACHE_FILE = re.compile(r"audio-[0-9]{4,6}\.(json|f32)")
+CACHE_FILE = re.compile(r"audio-[0-9]{4,6}\.cache")
 TASKS = (Task.audio_classification, Task.asr)
 
 
@@ -57,5 +57,9 @@ def publish_feature_cache(store: ModelStore, model_name: str, collected: Path) -
         return
     files = sorted(p for p in collected.iterdir() if p.is_file() and CACHE_FILE.fullmatch(p.name))
     prefix = store.feature_cache_prefix(model_name)
-    for path in files:  # the index names its samples' checksum: a reader of a half-replaced pair ignores it
+    for path in files:  # one object per rate: replaced whole, never read half old, half new
         store.put_file(prefix + path.name, path)
+    kept = {prefix + p.name for p in files}
+    for key in store.list_keys(prefix):  # what else is there: other rates' caches, or an older format's files
+        if files and key not in kept:
+            store.delete(key)

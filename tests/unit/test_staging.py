@@ -143,13 +143,13 @@ def test_staging_gives_the_model_s_feature_cache_as_the_cache_channel(tmp_path):
     (tmp_path / "in" / "dataset.csv").write_text("audio,label\nclips/a.wav,yes\n")
     cache = tmp_path / "models" / "m" / "feature-cache"
     cache.mkdir(parents=True)
-    (cache / "audio-16000.json").write_text("{}")
-    (cache / "audio-16000.f32").write_bytes(b"\0" * 8)
+    (cache / "audio-16000.cache").write_bytes(b"\0" * 8)
+    (cache / "audio-16000.json").write_text("{}")  # the format before 2026-12-03: not staged
     (cache / "notes.txt").write_text("not a cache file")
     message = _message({"dataset": "in/dataset.csv"})
     ws = Workspace(tmp_path / "ws")
     stage_inputs(FolderStore(tmp_path), message, ws)
-    assert sorted(p.name for p in ws.channel("cache").iterdir()) == ["audio-16000.f32", "audio-16000.json"]
+    assert sorted(p.name for p in ws.channel("cache").iterdir()) == ["audio-16000.cache"]
 
     own_image = message.model_copy(update={"spec": message.spec.model_copy(update={"image": "acme/trainer:1"})})
     ws2 = Workspace(tmp_path / "ws2")

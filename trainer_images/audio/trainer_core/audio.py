@@ -71,31 +71,34 @@ def decode(path: Path | str, rate: int = SAMPLE_RATE) -> np.ndarray:
 
 def load_audio(clips: list[Clip], channels: dict[str, Path], workers: int, rate: int = SAMPLE_RATE,
                cache: AudioCache | None = None) -> int:
-    """Decode every clip once into memory, in parallel threads (libsndfile, scipy and ffmpeg do the
-    heavy parts outside the GIL); a clip whose file the cache holds (same bytes, same rate) is
-    taken from it instead. A clip shorter than one 25 ms analysis window is refused. Returns how
-    many clips came from the cache."""
+    """Decode every clip once into memory; a clip whose file the cache holds (same bytes, same
+    rate) is taken from it instead. Hashing and cache reads run in this thread (they are fast:
+    a thread hop would cost more); the rest is decoded in parallel threads (libsndfile, scipy and
+    ffmpeg do the heavy parts outside the GIL). A clip shorter than one 25 ms analysis window is
+    refused. Returns how many clips came from the cache."""
     paths = [resolve(channels[c.source], c) for c in clips]
     cache = cache or AudioCache({}, None, rate)
+    audio: list[np.ndarray | None] = []
+    for clip, path in zip(clips, paths):
+        clip.digest = file_digest(path)
+        audio.append(cache.get(clip.digest))
+    misses = [i for i, a in enumerate(audio) if a is None]
 
-    def work(i: int) -> tuple[str, np.ndarray, bool]:
-        digest = file_digest(paths[i])
-        cached = cache.get(digest)
-        if cached is not None:
-            return digest, cached, True
+    def work(i: int) -> np.ndarray:
         try:
-            return digest, decode(paths[i], rate), False
+            return decode(paths[i], rate)
         except Exception as e:  # noqa: BLE001 - becomes the job's reason, naming the row
             raise TrainerError(f"{clips[i].where}: the audio file could not be decoded ({e}).") from None
 
-    hits = 0
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for clip, (digest, audio, hit) in zip(clips, pool.map(work, range(len(clips)))):
-            if audio.size < rate // 40:
-                raise TrainerError(f"{clip.where}: the audio file is empty or shorter than 25 ms.")
-            clip.audio, clip.rate, clip.digest = audio, rate, digest
-            hits += hit
-    return hits
+    if misses:
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            for i, decoded in zip(misses, pool.map(work, misses)):
+                audio[i] = decoded
+    for clip, samples in zip(clips, audio):
+        if samples.size < rate // 40:
+            raise TrainerError(f"{clip.where}: the audio file is empty or shorter than 25 ms.")
+        clip.audio, clip.rate = samples, rate
+    return len(clips) - len(misses)
 
 
 def load_job_data(paths: Paths, target: str | None, rate: int = SAMPLE_RATE) -> list[Clip]:

@@ -6,6 +6,7 @@ Every refusal names the CSV and its line."""
 from __future__ import annotations
 
 import csv
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,12 +89,12 @@ def read_manifest(channel: Path, source: str, target: str | None) -> list[Clip]:
     return clips
 
 
-def resolve(channel: Path, clip: Clip) -> Path:
+def resolve(channel: Path, clip: Clip) -> str:
     """The clip's file, which must lie inside its channel folder (no absolute paths, no '..')."""
-    rel = Path(clip.path)
-    if rel.is_absolute() or ".." in rel.parts:
+    rel = clip.path  # checked as text (os.path, not pathlib: this runs once per clip of every job)
+    if os.path.isabs(rel) or ".." in rel.split("/"):
         raise TrainerError(f"{clip.where}: the audio path must be relative to the channel folder, without '..'.")
-    path = channel / rel
-    if not path.is_file():
+    path = os.path.join(channel, rel)
+    if not os.path.isfile(path):
         raise TrainerError(f"{clip.where}: the audio file does not exist in the {clip.source} channel.")
     return path
