@@ -14,10 +14,15 @@ of filling the API's memory.
 Bounds, checked as the bytes arrive, each refusal naming its field: only the form's own fields,
 each at most once; `spec` up to max_spec_bytes; each file up to max_upload_bytes; a part's
 headers as python-multipart bounds them (8, of 4 KiB each).
+
+An archive field (DIRECT_FIELDS) may instead be a text field holding the id of a direct upload
+(api/routes/uploads.py): the file is then already in the store, and `fetch_upload` spools it for
+the checks like a file that arrived in the form.
 """
 
 import asyncio
 import concurrent.futures
+import re
 import tempfile
 import threading
 from collections import deque
@@ -27,6 +32,7 @@ from functools import partial
 from typing import Any, BinaryIO
 
 from fastapi import Request
+from minio.error import S3Error
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
@@ -38,11 +44,13 @@ SPEC_FIELD = "spec"
 SPEC_DESCRIPTION = 'JSON job spec, e.g. {"task": "audio_classification", "model_name": "keywords"}'
 FILE_FIELDS = {
     "dataset": "CSV manifest: audio,label[,split]",
-    "audio": "zip or tar(.gz) of the audio files the CSV names",
+    "audio": "zip or tar(.gz) of the audio files the CSV names, or the id of a direct upload of it (POST /v1/uploads)",
     "model": "optional base model (file or archive)",
     "heldout": "with spec.promote: CSV of the held-out set (audio,label) both versions are scored on",
-    "heldout_audio": "with spec.promote: archive of the clips the heldout CSV names",
+    "heldout_audio": "with spec.promote: archive of the clips the heldout CSV names (or a direct upload's id)",
 }
+DIRECT_FIELDS = ("audio", "heldout_audio")  # the big parts of a submission; a CSV is small, a model's kind is judged as it arrives
+UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 REQUIRED = (SPEC_FIELD, "dataset")
 # Parts of the store's multipart upload: the SDK holds up to four (one read, three sending) and
 # the hand-over one more, so a file in flight costs this process about 40 MiB.
@@ -67,12 +75,44 @@ class Upload:
     file: BinaryIO
     size: int
     key: str
+    etag: str | None = None  # a direct upload's: the content the checks read, the one the job must train on
 
 
 @dataclass
 class Form:
     spec: Any  # what `parse_spec` made of the spec field's text
     files: dict[str, Upload] = field(default_factory=dict)
+    uploads: dict[str, str] = field(default_factory=dict)  # field -> the id of the direct upload it names
+
+
+def fetch_upload(store: ModelStore, tenant: str, field: str, upload_id: str, max_bytes: int) -> Upload:
+    """A direct upload of the caller's tenant, spooled to disk for the checks (another tenant's id
+    is not found: the prefix is the caller's). Its object stays where it is: the job names it."""
+    found = store.find_upload(tenant, upload_id)
+    if found is None:
+        raise InputError(field, f"no upload {upload_id!r} has arrived: POST /v1/uploads, then send the file with its form")
+    key, size, etag = found
+    filename = key.rsplit("/", 1)[-1]
+    if size > max_bytes:
+        raise InputError(field, f"is {size} bytes; the limit is {max_bytes}", file=filename, status=413)
+    spool = tempfile.TemporaryFile()
+    try:
+        received = 0
+        for chunk in store.stream(key, chunk_size=PART_SIZE, etag=etag):  # the content listed, or an error
+            received += len(chunk)
+            if received > size:
+                raise InputError(field, f"is over the {size} bytes it was listed with", file=filename, status=409)
+            spool.write(chunk)
+        spool.seek(0)
+    except S3Error as err:
+        spool.close()
+        if err.code == "PreconditionFailed":
+            raise InputError(field, "was replaced while it was read; submit again", file=filename, status=409) from None
+        raise
+    except BaseException:
+        spool.close()
+        raise
+    return Upload(filename, spool, received, key, etag)
 
 
 class _StoreWriter(threading.Thread):
@@ -273,6 +313,8 @@ async def receive_form(request: Request, store: ModelStore, key_for: Callable[[s
                             raise InputError(part.name, f"is over {max_upload_bytes} bytes; the limit is {max_upload_bytes}", file=part.filename, status=413)
                         await part.writer.write(data)
                     else:
+                        if part.name != SPEC_FIELD and part.size > 64:
+                            raise InputError(part.name, "must be a file, or the id of a direct upload (32 hex digits)")
                         if part.size > max_spec_bytes:
                             raise InputError(SPEC_FIELD, f"the spec is over the limit of {max_spec_bytes} bytes", status=413)
                         part.text += data
@@ -283,6 +325,11 @@ async def receive_form(request: Request, store: ModelStore, key_for: Callable[[s
                         await part.writer.finish()
                         w = part.writer
                         form.files[part.name] = Upload(part.filename, w.spool, w.size, w.key)
+                    elif part.name != SPEC_FIELD:  # an archive field naming a direct upload
+                        upload_id = bytes(part.text).strip().decode("ascii", "replace")
+                        if not UPLOAD_ID.fullmatch(upload_id):
+                            raise InputError(part.name, "must be a file, or the id of a direct upload (32 hex digits)")
+                        form.uploads[part.name] = upload_id
                     else:
                         try:
                             text = part.text.decode("utf-8")
@@ -322,6 +369,8 @@ def _begin(part: _Part, seen: set[str], store: ModelStore, key_for, writers: lis
         return
     filename = options.get(b"filename")
     if filename is None:
+        if name in DIRECT_FIELDS:  # the id of a direct upload, read as text
+            return
         raise InputError(name, "must be a file (a part with a filename)")
     part.filename = filename.decode("utf-8", "replace")[:255] or "upload"
     content_type = "text/csv" if name in ("dataset", "heldout") else "application/octet-stream"

@@ -30,7 +30,7 @@ from api.intake import FILE_FIELDS
 from api.limits import BodySizeLimit
 from api.metrics import ApiMetrics, RequestMetrics
 from api.outbox import OutboxRelay
-from api.routes import admin, health, jobs, models
+from api.routes import admin, health, jobs, models, uploads
 from api.validation import InputError
 from jobs.kafka import ensure_topics
 from jobs.settings import Settings, get_settings
@@ -216,6 +216,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.mount("/ui/", StaticFiles(directory=Path(__file__).parent / "ui", html=True), name="ui")
     app.include_router(jobs.router)
+    app.include_router(uploads.router)
     app.include_router(models.router)
     app.include_router(admin.router)
     return app

@@ -58,3 +58,20 @@ class AliasIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     version: StrictInt = Field(ge=1, le=MAX_VERSION)
+
+
+class UploadIn(BaseModel):
+    """POST /v1/uploads: the file the client is about to send straight to the store."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filename: str = Field(min_length=1, max_length=255, description="the file's name (kept, made safe, as its object's name)")
+    size: StrictInt = Field(ge=1, description="its exact size in bytes: the store takes no other")
+
+
+class UploadOut(BaseModel):
+    id: str = Field(description="name it in POST /v1/jobs instead of the file: e.g. the form field audio=<id>")
+    url: str = Field(description="POST a multipart form here: every field of `fields`, then the file as the field `file`")
+    fields: dict[str, str]
+    size: int
+    expires_at: datetime

@@ -88,7 +88,7 @@ def input_key(store: ModelStore, job_id: str, field: str, filename: str, head: b
     kind = archive_kind(io.BytesIO(head))
     if field == "model":
         if filename.lower().endswith(".keras") or kind is None:  # a .keras file is a zip kept whole
-            return f"{prefix}model/{_safe_name(filename)}"
+            return f"{prefix}model/{safe_name(filename, 'model')}"
         return f"{prefix}model.{kind}"
     return f"{prefix}{field}.{'zip' if kind == 'zip' else 'tar'}"
 
@@ -139,7 +139,8 @@ def submit_job(job_id: str, spec: JobSpec, uploads: Uploads, store: ModelStore, 
 
     # Everything checked: commit the job and its messages together.
     inputs = JobInputs(dataset=dataset.key, audio=audio.key if audio else None, model=model.key if model else None,
-                       heldout=heldout.key if heldout else None, heldout_audio=heldout_audio.key if heldout_audio else None)
+                       heldout=heldout.key if heldout else None, heldout_audio=heldout_audio.key if heldout_audio else None,
+                       etags={upload.key: upload.etag for _, upload in uploads.present() if upload.etag})
     if base_version is not None:
         inputs.base_model = store.artifact_key(spec.base.model, base_version)
     try:
@@ -203,6 +204,8 @@ def choose_trainer(model: Upload | None, base: VersionInfo | None) -> str:
     return "audio"
 
 
-def _safe_name(filename: str) -> str:
+def safe_name(filename: str, default: str = "upload") -> str:
+    """A client's file name as an object's name: its last component, characters outside
+    [A-Za-z0-9._-] replaced, no leading dot."""
     name = re.sub(r"[^A-Za-z0-9._-]", "_", filename.replace("\\", "/").rsplit("/", 1)[-1]).lstrip(".")
-    return name or "model"
+    return name[:128] or default

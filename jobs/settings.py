@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     api_host: str = "127.0.0.1"
     api_port: int = 8000
     max_upload_bytes: int = 2 * 1024**3  # per uploaded file
+    upload_url_ttl_s: int = 900  # POST /v1/uploads: how long its presigned form stays valid
     public_url: str = ""  # base of status_url; empty = relative URLs
     # GET /v1/jobs/{id}/events (Server-Sent Events): streams open at once (503 over it), how
     # often each looks for new events, and the keep-alive comment's period (s).

@@ -216,6 +216,9 @@ class JobInputs(BaseModel):
     base_model: str | None = None  # artifact of the resolved stored base version
     heldout: str | None = None  # spec.promote's held-out CSV, and its audio archive
     heldout_audio: str | None = None
+    # Direct uploads (POST /v1/uploads): key -> the ETag of the content the API checked; the
+    # worker reads exactly that content (a replaced object fails the job, never trains unchecked).
+    etags: dict[str, str] = {}
 
 
 class JobMessage(BaseModel):

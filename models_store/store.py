@@ -4,6 +4,8 @@
     jobs/<job id>/outcome.json                                           how the job ended; written once, first writer wins
     jobs/<job id>/lease.json                                             which worker runs it now (renewed while it runs)
     jobs/<job id>/train.log                                              the trainer's output
+    uploads/<tenant>/<upload id>/<file name>                             a file a client sent straight to MinIO
+                                                                         (POST /v1/uploads); the jobs that name it read it
     models/<name>/versions/<N>/claim.json                                who took version N (first writer wins)
     models/<name>/versions/<N>/model.tar.gz                              the artifact (SageMaker's layout)
     models/<name>/versions/<N>/metrics.json, *.png, model_card.md        for people and dashboards
@@ -30,6 +32,7 @@ from typing import Any, BinaryIO
 
 import urllib3
 from minio import Minio
+from minio.datatypes import PostPolicy
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 from pydantic import BaseModel
@@ -82,7 +85,8 @@ def make_store(settings: Settings) -> "ModelStore":
         secret_key=settings.s3_secret_key,
         secure=settings.s3_secure,
     )
-    return ModelStore(client, settings.s3_bucket)
+    scheme = "https" if settings.s3_secure else "http"
+    return ModelStore(client, settings.s3_bucket, post_url=f"{scheme}://{settings.s3_endpoint}/{settings.s3_bucket}")
 
 
 LOCAL_TENANT = "local"  # the local stack's tenant, whose models keep the layout from before tenants
@@ -90,18 +94,19 @@ TENANT_NAME = re.compile(r"[a-z][a-z0-9-]{0,63}")
 
 
 class ModelStore:
-    def __init__(self, client: Minio, bucket: str, models_root: str = "models/"):
+    def __init__(self, client: Minio, bucket: str, models_root: str = "models/", post_url: str | None = None):
         self.client = client
         self.bucket = bucket
         self.models_root = models_root  # where this tenant's models are (see the layout above)
+        self.post_url = post_url  # where a client POSTs a direct upload (the bucket's URL)
 
     def for_tenant(self, tenant: str) -> "ModelStore":
         """The store as `tenant` sees it: its own model names, versions and aliases."""
         if tenant == LOCAL_TENANT:
-            return self if self.models_root == "models/" else ModelStore(self.client, self.bucket)
+            return self if self.models_root == "models/" else ModelStore(self.client, self.bucket, post_url=self.post_url)
         if not TENANT_NAME.fullmatch(tenant):
             raise ValueError(f"not a tenant name: {tenant!r}")
-        return ModelStore(self.client, self.bucket, f"tenants/{tenant}/models/")
+        return ModelStore(self.client, self.bucket, f"tenants/{tenant}/models/", post_url=self.post_url)
 
     # ---- plumbing -------------------------------------------------------------------------
 
@@ -144,11 +149,13 @@ class ModelStore:
     def size(self, key: str) -> int:
         return self.client.stat_object(self.bucket, key).size
 
-    def download(self, key: str, path: Path) -> None:
-        self.client.fget_object(self.bucket, key, str(path))
+    def download(self, key: str, path: Path, etag: str | None = None) -> None:
+        """The object into `path`; with `etag`, only that content of it (S3Error PreconditionFailed
+        when the object was replaced since)."""
+        self.client.fget_object(self.bucket, key, str(path), request_headers=_if_match(etag))
 
-    def stream(self, key: str, chunk_size: int = 1024 * 1024) -> Iterator[bytes]:
-        response = self.client.get_object(self.bucket, key)
+    def stream(self, key: str, chunk_size: int = 1024 * 1024, etag: str | None = None) -> Iterator[bytes]:
+        response = self.client.get_object(self.bucket, key, request_headers=_if_match(etag))
         try:
             yield from response.stream(chunk_size)
         finally:
@@ -208,6 +215,28 @@ class ModelStore:
 
     def delete(self, key: str) -> None:
         self.client.remove_object(self.bucket, key)
+
+    # ---- direct uploads ---------------------------------------------------------------------
+
+    @staticmethod
+    def upload_prefix(tenant: str, upload_id: str) -> str:
+        return f"uploads/{tenant}/{upload_id}/"
+
+    def presigned_upload(self, key: str, size: int, expires: timedelta) -> tuple[str, dict[str, str]]:
+        """The URL and form fields with which a client POSTs one file straight to MinIO (S3's POST
+        policy, signed with this service's MinIO user): MinIO takes it only as `key`, only of
+        exactly `size` bytes, only until `expires` from now."""
+        if self.post_url is None:
+            raise RuntimeError("this store was made without the bucket's URL (make_store sets it)")
+        policy = PostPolicy(self.bucket, datetime.now(UTC) + expires)
+        policy.add_equals_condition("key", key)
+        policy.add_content_length_range_condition(size, size)
+        return self.post_url, {"key": key, **self.client.presigned_post_policy(policy)}
+
+    def find_upload(self, tenant: str, upload_id: str) -> tuple[str, int, str] | None:
+        """(key, size, etag) of the file uploaded under that id, or None when nothing arrived there."""
+        found = list(self.client.list_objects(self.bucket, prefix=self.upload_prefix(tenant, upload_id), recursive=True))
+        return (found[0].object_name, found[0].size, found[0].etag) if len(found) == 1 else None
 
     # ---- jobs -----------------------------------------------------------------------------
 
@@ -368,6 +397,10 @@ class ModelStore:
         while not self.put_if_absent(self.version_prefix(name, candidate) + "claim.json", {"job_id": job_id}):
             candidate += 1
         return candidate
+
+
+def _if_match(etag: str | None) -> dict[str, str] | None:
+    return {"If-Match": f'"{etag.strip(chr(34))}"'} if etag else None
 
 
 def _content_type(path: Path) -> str:

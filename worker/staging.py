@@ -10,6 +10,8 @@ import shutil
 import tempfile
 from pathlib import Path, PurePosixPath
 
+from minio.error import S3Error
+
 from jobs.archive import ArchiveError, ArchiveLimits, extract_archive, normalize_name
 from jobs.settings import get_settings
 from jobs.spec import JobMessage
@@ -28,7 +30,7 @@ def stage_inputs(store: ModelStore, message: JobMessage, workspace: Workspace, l
     job = {**spec.model_dump(mode="json"), "job_id": message.job_id, "base_version": message.base_version}
     workspace.prepare(spec.hyperparameters.for_trainer(), job)
 
-    stage_dataset(store, inputs.dataset, inputs.audio, workspace.channel("train"), limits)
+    stage_dataset(store, inputs.dataset, inputs.audio, workspace.channel("train"), limits, inputs.etags.get(inputs.audio or ""))
 
     cache = workspace.channel("cache")
     shutil.rmtree(cache, ignore_errors=True)
@@ -47,16 +49,18 @@ def stage_inputs(store: ModelStore, message: JobMessage, workspace: Workspace, l
             store.download(inputs.model, model / PurePosixPath(inputs.model).name)
 
 
-def stage_dataset(store: ModelStore, csv_key: str, audio_key: str | None, channel: Path, limits: ArchiveLimits) -> None:
+def stage_dataset(store: ModelStore, csv_key: str, audio_key: str | None, channel: Path, limits: ArchiveLimits,
+                  audio_etag: str | None = None) -> None:
     """A channel of dataset.csv and the clips it names (only those: nothing else of the archive
-    is written, and nothing can replace the validated CSV)."""
+    is written, and nothing can replace the validated CSV). `audio_etag`: a direct upload's
+    archive is read only as the API checked it."""
     shutil.rmtree(channel, ignore_errors=True)
     channel.mkdir(parents=True)
     dataset = channel / "dataset.csv"
     store.download(csv_key, dataset)
     if audio_key:
         names = csv_audio_names(dataset)
-        extracted = fetch_and_extract(store, audio_key, channel, limits, names)
+        extracted = fetch_and_extract(store, audio_key, channel, limits, names, audio_etag)
         missing = sorted(names - set(extracted))
         if missing:
             raise StagingError(f"the audio archive lacks {len(missing)} file(s) the CSV names, e.g. {missing[0]!r}")
@@ -83,11 +87,17 @@ def csv_audio_names(path: Path) -> set[str]:
     return names
 
 
-def fetch_and_extract(store: ModelStore, key: str, dest: Path, limits: ArchiveLimits, names: set[str] | None = None) -> list[str]:
+def fetch_and_extract(store: ModelStore, key: str, dest: Path, limits: ArchiveLimits, names: set[str] | None = None,
+                      etag: str | None = None) -> list[str]:
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         archive = Path(tmp) / "archive"
-        store.download(key, archive)
+        try:
+            store.download(key, archive, etag)
+        except S3Error as err:
+            if err.code == "PreconditionFailed":
+                raise StagingError(f"{key} was replaced after the API checked it; submit the job again") from None
+            raise
         return safe_extract(archive, dest, limits, names)
 
 

@@ -56,6 +56,9 @@ async def create_job(request: Request, caller: Submitter, session: SessionDep, s
         form = await intake.receive_form(
             request, store, partial(input_key, store, job_id), settings.max_spec_bytes, settings.max_upload_bytes,
             parse_spec=partial(parse_spec, settings=settings))  # a bad spec is refused before the files are read
+        for field, upload_id in form.uploads.items():  # direct uploads (api/routes/uploads.py), spooled for the checks
+            form.files[field] = await run_in_threadpool(
+                intake.fetch_upload, store, caller.tenant, field, upload_id, settings.max_upload_bytes)
         job = await run_in_threadpool(submit_job, job_id, form.spec, Uploads(**form.files), store, session, settings, caller)
     except BaseException:
         await run_in_threadpool(store.delete_prefix, store.job_prefix(job_id))

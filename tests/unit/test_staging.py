@@ -62,7 +62,7 @@ class FolderStore:
     def __init__(self, root):
         self.root = root
 
-    def download(self, key, dest):
+    def download(self, key, dest, etag=None):
         dest.write_bytes((self.root / key).read_bytes())
 
     def feature_cache_prefix(self, name):
