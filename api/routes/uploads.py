@@ -13,6 +13,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from fastapi import APIRouter, Depends, status
+
 from api.auth import Role, Submitter, audit, require
 from api.deps import SessionDep, SettingsDep, TenantStoreDep
 from api.schemas import UploadIn, UploadOut
@@ -20,7 +21,6 @@ from api.submissions import safe_name
 from api.validation import InputError
 
 router = APIRouter(prefix="/v1/uploads", tags=["uploads"], dependencies=[Depends(require(Role.read))])
-
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=UploadOut)
@@ -34,4 +34,3 @@ def create_upload(body: UploadIn, caller: Submitter, session: SessionDep, store:
     url, fields = store.presigned_upload(key, body.size, ttl)
     audit(session, caller, "upload.create", upload_id, filename=body.filename, size=body.size)
     return UploadOut(id=upload_id, url=url, fields=fields, size=body.size, expires_at=datetime.now(UTC) + ttl)
-
