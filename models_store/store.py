@@ -400,7 +400,7 @@ class ModelStore:
 
 
 def _if_match(etag: str | None) -> dict[str, str] | None:
-    return {"If-Match": f'"{etag.strip(chr(34))}"'} if etag else None
+    return {"If-Match": '"' + etag.strip('"') + '"'} if etag else None
 
 
 def _content_type(path: Path) -> str:

@@ -56,10 +56,11 @@ def publish_feature_cache(store: ModelStore, model_name: str, collected: Path) -
     if not collected.is_dir():
         return
     files = sorted(p for p in collected.iterdir() if p.is_file() and CACHE_FILE.fullmatch(p.name))
+    if not files:
+        return
     prefix = store.feature_cache_prefix(model_name)
     for path in files:  # one object per rate: replaced whole, never read half old, half new
         store.put_file(prefix + path.name, path)
     kept = {prefix + p.name for p in files}
-    for key in store.list_keys(prefix):  # what else is there: other rates' caches, or an older format's files
-        if files and key not in kept:
-            store.delete(key)
+    for key in set(store.list_keys(prefix)) - kept:  # other rates' caches, or an older format's files
+        store.delete(key)

@@ -78,8 +78,7 @@ def _score(store, runner, message, workspace: Workspace, model_dir, holder, limi
     score = Workspace(workspace.root / "score")
     shutil.rmtree(score.root, ignore_errors=True)
     score.prepare({}, {"task": "score", "job_id": message.job_id, "metric": message.spec.promote.metric})
-    stage_dataset(store, message.inputs.heldout, message.inputs.heldout_audio, score.channel("heldout"), limits,
-                  message.inputs.etags.get(message.inputs.heldout_audio or ""))
+    stage_dataset(store, message.inputs.heldout, message.inputs.heldout_audio, score.channel("heldout"), limits, message.inputs.etags)
     shutil.copytree(model_dir, score.channel("challenger"), symlinks=True)  # the worker's own link-free copy
     if holder is not None:
         fetch_and_extract(store, store.artifact_key(message.spec.model_name, holder), score.channel("champion"), limits)

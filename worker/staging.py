@@ -8,6 +8,7 @@ reader and the same bounds."""
 import csv
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
 
 from minio.error import S3Error
@@ -30,7 +31,7 @@ def stage_inputs(store: ModelStore, message: JobMessage, workspace: Workspace, l
     job = {**spec.model_dump(mode="json"), "job_id": message.job_id, "base_version": message.base_version}
     workspace.prepare(spec.hyperparameters.for_trainer(), job)
 
-    stage_dataset(store, inputs.dataset, inputs.audio, workspace.channel("train"), limits, inputs.etags.get(inputs.audio or ""))
+    stage_dataset(store, inputs.dataset, inputs.audio, workspace.channel("train"), limits, inputs.etags)
 
     cache = workspace.channel("cache")
     shutil.rmtree(cache, ignore_errors=True)
@@ -50,17 +51,17 @@ def stage_inputs(store: ModelStore, message: JobMessage, workspace: Workspace, l
 
 
 def stage_dataset(store: ModelStore, csv_key: str, audio_key: str | None, channel: Path, limits: ArchiveLimits,
-                  audio_etag: str | None = None) -> None:
+                  etags: Mapping[str, str] | None = None) -> None:
     """A channel of dataset.csv and the clips it names (only those: nothing else of the archive
-    is written, and nothing can replace the validated CSV). `audio_etag`: a direct upload's
-    archive is read only as the API checked it."""
+    is written, and nothing can replace the validated CSV). `etags` (JobInputs.etags): a direct
+    upload's archive is read only as the API checked it."""
     shutil.rmtree(channel, ignore_errors=True)
     channel.mkdir(parents=True)
     dataset = channel / "dataset.csv"
     store.download(csv_key, dataset)
     if audio_key:
         names = csv_audio_names(dataset)
-        extracted = fetch_and_extract(store, audio_key, channel, limits, names, audio_etag)
+        extracted = fetch_and_extract(store, audio_key, channel, limits, names, (etags or {}).get(audio_key))
         missing = sorted(names - set(extracted))
         if missing:
             raise StagingError(f"the audio archive lacks {len(missing)} file(s) the CSV names, e.g. {missing[0]!r}")
