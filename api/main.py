@@ -25,6 +25,7 @@ from api import checker
 from api.auth import KeyCache
 from api.db import Database
 from api.event_stream import StreamSlots
+from api.job_cache import JobRowCache
 from api.job_events import JobEventsConsumer
 from api.intake import FILE_FIELDS
 from api.limits import BodySizeLimit
@@ -126,12 +127,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.events = JobEventsConsumer(state.db, settings, on_change=state.metrics.observe_job)
         state.event_streams = StreamSlots(settings.event_streams_max)
         state.keys = KeyCache(settings.auth_cache_s)
+        state.job_rows = JobRowCache()
+        state.job_rows.start(settings.database_url)
         state.setup = Setup(state.store, settings, on_topics=state.events.start)
         state.outbox = OutboxRelay(state.db, settings, store=state.store, ready=state.setup.topics)
         state.setup.start()
         state.outbox.start()
         threading.Thread(target=checker.warm_up, name="checker-warm-up", daemon=True).start()
         yield
+        await state.job_rows.stop()
         state.setup.stop()
         state.outbox.stop()
         state.events.stop()

@@ -123,10 +123,13 @@ _READ_JOB = (select(*(Job.__table__.c[name] for name in _JOB_OUT_COLUMNS))
              .where(Job.id == bindparam("job_id"), Job.tenant == bindparam("tenant")))
 
 
-async def _read_job(db, job_id: str, caller: Caller):
-    """`_get` for the reads clients poll: the row alone, read on the event loop (api/db.py
-    `read_row`: no thread-pool hop, no ORM session), with the attributes job_out reads."""
-    row = await db.read_row(_READ_JOB, {"job_id": job_id, "tenant": caller.tenant})
+async def _read_job(request: Request, job_id: str, caller: Caller):
+    """`_get` for the reads clients poll: the row alone, with the attributes job_out reads, read on
+    the event loop (api/db.py `read_row`: no thread-pool hop, no ORM session) or taken from the
+    replica's cache of rows that have not changed since (api/job_cache.py)."""
+    state = request.app.state
+    row = await state.job_rows.read(job_id, caller.tenant, lambda: state.db.read_row(
+        _READ_JOB, {"job_id": job_id, "tenant": caller.tenant}))
     if row is None:
         raise _no_job(job_id)
     return row
@@ -134,7 +137,7 @@ async def _read_job(db, job_id: str, caller: Caller):
 
 @router.get("/{job_id}", response_model=JobOut)
 async def get_job(job_id: JobId, request: Request, caller: Reader) -> JobOut:
-    return job_out(await _read_job(request.app.state.db, job_id, caller), request)
+    return job_out(await _read_job(request, job_id, caller), request)
 
 
 @router.get("/{job_id}/events", response_class=StreamingResponse,
@@ -147,7 +150,7 @@ async def job_events(
     each new one, closing after the final one."""
     db = request.app.state.db
     after = parse_last_event_id(last_event_id)
-    await _read_job(db, job_id, caller)
+    await _read_job(request, job_id, caller)
     slots = request.app.state.event_streams
     slots.take()
     stream = job_event_stream(db, settings, slots, job_id, after, request.is_disconnected)

@@ -34,4 +34,4 @@ def test_a_database_from_before_migrations_is_upgraded_with_its_rows(tmp_path):
     tables = {row[0] for row in sqlite3.connect(path).execute("select name from sqlite_master where type = 'table'")}
     assert {"jobs", "outbox", "outbox_dead", "job_events", "api_keys", "audit", "alembic_version"} <= tables
     Database(f"sqlite:///{path}")  # and again: nothing left to do
-    assert sqlite3.connect(path).execute("select version_num from alembic_version").fetchall() == [("0003",)]
+    assert sqlite3.connect(path).execute("select version_num from alembic_version").fetchall() == [("0004",)]
