@@ -13,7 +13,7 @@ and prints clips per second of each and the ratios. The log-mel itself is comput
 on the fly (it is their first layer, on the GPU when there is one), so `decode` and `cache` end
 where training starts, as `seed` did.
 
-    .venv-trainer/bin/python bench/feature_cache.py [--clips-per-voice 5] [--format wav|mp3] [--seed-python PYTHON]
+    .venv-trainer/bin/python bench/feature_cache.py [--clips-per-voice 2] [--format wav|mp3] [--seed-python PYTHON]
 
 `--format mp3` re-encodes every clip as 44.1 kHz mp3 (ffmpeg), as phone recordings arrive: then
 each clip is decoded by ffmpeg and resampled, which is what the cache saves a retrain.
@@ -96,7 +96,7 @@ def to_mp3(data: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\\n\\n")[0])
-    ap.add_argument("--clips-per-voice", type=int, default=5, help="takes of each word by each training voice")
+    ap.add_argument("--clips-per-voice", type=int, default=2, help="takes of each word by each training voice (60 voices x 8 words x 2 = 960 clips)")
     ap.add_argument("--seed-python", default=sys.executable, help="an interpreter with librosa, for the seed's way")
     ap.add_argument("--format", choices=("wav", "mp3"), default="wav", help="the clips as 16 kHz wav, or as 44.1 kHz mp3")
     args = ap.parse_args()

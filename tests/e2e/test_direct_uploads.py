@@ -106,3 +106,26 @@ def test_the_worker_reads_an_upload_only_as_it_was_checked(service):
     assert err.value.code == "PreconditionFailed"
     assert b"".join(store.stream(key, etag=store.find_upload("local", "e" * 32)[2])) == b"swapped"
     store.delete(key)
+
+
+def test_the_readme_shell_example_runs_as_written(service, api, keyword_data, tmp_path):
+    """README.md's curl + jq lines for a direct upload, run by bash against this stack."""
+    import re
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    script = re.search(r"\*\*Direct uploads.*?```bash\n(.*?)```", readme, re.S).group(1)
+    assert "/v1/uploads" in script and "jq" in script
+    shutil.copy(keyword_data["zip"], tmp_path / "clips.zip")
+    shutil.copy(keyword_data["csv"], tmp_path / "dataset.csv")
+    env = {"PATH": "/usr/bin:/bin", "AUTH": f"Authorization: Bearer {service.admin_key()}"}
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", script.replace("http://127.0.0.1:8000", service.api_url)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    created = json.loads(done.stdout.strip().splitlines()[-1])  # the last command's answer: the job
+    job = api.get(f"/v1/jobs/{created['id']}").json()
+    assert job["spec"]["model_name"] == "keywords" and job["state"] in ("queued", "running"), job
+    api.post(f"/v1/jobs/{created['id']}/cancel").raise_for_status()  # its default recipe is minutes long
+    assert wait_for(api, created["id"])["state"] == "cancelled"

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import answers_ok, bearer, wait_until
+from tests.conftest import answers_ok, bearer, submit, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -69,6 +69,23 @@ def proxied(service, tmp_path_factory):
         nginx.send_signal(signal.SIGQUIT)
         nginx.wait(timeout=30)
         service.down(["api-2"])
+
+
+def test_a_change_made_through_one_replica_shows_through_the_other(service, proxied, keyword_data):
+    """Each replica keeps the job rows it read (api/job_cache.py): the other's change must still show."""
+    headers = bearer(service.admin_key())
+    spec = {"task": "audio_classification", "model_name": "replicas-cache", "hyperparameters": {"epochs": 1}}
+    with httpx.Client(base_url=service.api_url, headers=headers, timeout=60) as a, \
+            httpx.Client(base_url=service.api_url_of("api-2"), headers=headers, timeout=60) as b:
+        job_id = submit(a, spec, keyword_data["csv"], keyword_data["zip"]).raise_for_status().json()["id"]
+        first = b.get(f"/v1/jobs/{job_id}").raise_for_status().json()
+        assert first["state"] in ("queued", "running")
+        assert b.get(f"/v1/jobs/{job_id}").json() == first  # read again: served as it was
+        a.post(f"/v1/jobs/{job_id}/cancel").raise_for_status()
+        wait_until(lambda: b.get(f"/v1/jobs/{job_id}").json()["state"] == "cancelled", 60,
+                   "the other replica to show the cancelled job")
+        wait_until(lambda: a.get(f"/v1/jobs/{job_id}").json() == b.get(f"/v1/jobs/{job_id}").json(), 30,
+                   "both replicas to show the job alike")
 
 
 def test_a_replica_killed_during_submissions_and_polling_loses_nothing(service, proxied, keyword_data):

@@ -12,7 +12,7 @@ def test_a_small_data_set_trains_for_min_steps_before_early_stopping_may_end_it(
     nothing. Unless the user set `epochs`, the run is lengthened to min_steps, and early stopping
     waits for them; the model card says so."""
     hps = {"batch_size": "16", "learning_rate": "0.003", "seed": "0", "patience": "1", "min_steps": "150",
-           "epochs": None}
+           "epochs": None, "keep": "best"}
     ws = Workspace(tmp_path / "ws", _tiny_data(tmp_path), {k: v for k, v in {**HPS, **hps}.items() if v is not None})
     result = ws.run()
     assert result.returncode == 0, result.stderr[-3000:]
@@ -29,3 +29,28 @@ def test_epochs_the_user_set_are_kept_and_the_card_says_what_they_cost(tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert [p["epoch"] for p in progress_lines(result.stdout)] == [1, 2]
     assert any("epochs=2 gives only" in n for n in ws.metrics()["notes"]), ws.metrics()["notes"]
+
+
+def test_keep_last_runs_every_epoch_and_ships_the_final_weights(tmp_path):
+    """The keyword CNN's default: no early stop, however impatient; the final weights are the model's
+    (its validation split, spoken by the training speakers, saturates; its best epoch is noise)."""
+    ws = Workspace(tmp_path / "ws", _tiny_data(tmp_path), {**HPS, "epochs": "8", "patience": "1", "min_steps": "0"})
+    result = ws.run()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [p["epoch"] for p in progress_lines(result.stdout)] == list(range(1, 9))
+    metrics = ws.metrics()
+    assert metrics["kept_epoch"] == metrics["epochs_run"] == 8 and 1 <= metrics["best_epoch"] <= 8
+    card = (ws.model / "model_card.md").read_text()
+    assert "the model holds the final weights, of epoch 8" in card or "weights of epoch 8, the final" in card
+
+
+def test_keep_best_ships_the_best_validation_epoch(tmp_path):
+    ws = Workspace(tmp_path / "ws", _tiny_data(tmp_path), {**HPS, "epochs": "8", "patience": "8", "keep": "best"})
+    result = ws.run()
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = ws.metrics()
+    assert metrics["kept_epoch"] == metrics["best_epoch"]
+    val_loss = {p["epoch"]: p["metrics"]["val_loss"] for p in progress_lines(result.stdout)}
+    assert val_loss[metrics["best_epoch"]] <= min(val_loss.values()) + 1e-4  # min_delta
+    assert "best validation epoch" in (ws.model / "model_card.md").read_text()
+

@@ -147,6 +147,7 @@ def held_out_report(splits, state, eval_clips, logits: np.ndarray, out_dir: Path
         "val_size": len(splits.validation),
         "eval_size": len(eval_clips),
         "best_epoch": state.best_epoch,
+        "kept_epoch": state.kept_epoch,
         "epochs_run": state.epoch,
         "best_val_loss": state.best_record().get("val_loss"),
         "num_labels": len(splits.labels),

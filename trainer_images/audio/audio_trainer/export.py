@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import save_file
 
 from trainer_core.errors import TrainerError
+from trainer_core.fit import epochs_sentence
 from trainer_core.learning_curve import card_section
 from trainer_core.progress import log
 
@@ -149,7 +150,7 @@ def write_card(model_dir: Path, *, job: dict, labels: list[str], label_counts: d
         lines.append(f"| {label} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |")
     lines += [
         "",
-        f"Best epoch {metrics['best_epoch']} of {metrics['epochs_run']} run ({metrics.get('stop_reason', '')}).",
+        epochs_sentence(metrics),
         "Plots: `training_curves.png`, `confusion_matrix.png`"
         + (", `learning_curve.png`." if metrics.get("learning_curve") else "."),
         "",

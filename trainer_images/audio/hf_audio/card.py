@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from trainer_core.fit import epochs_sentence
 from trainer_core.learning_curve import card_section
 
 
@@ -55,7 +56,7 @@ def write_card(model_dir: Path, *, job: dict, base: dict, labels: list[str], lab
         *[f"| {label} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['support']} |"
           for label, m in metrics["per_class"].items()],
         "",
-        f"Best epoch {metrics['best_epoch']} of {metrics['epochs_run']} run ({metrics.get('stop_reason', '')}).",
+        epochs_sentence(metrics),
         "Plots: `training_curves.png`, `confusion_matrix.png`"
         + (", `learning_curve.png`." if metrics.get("learning_curve") else "."),
         "",

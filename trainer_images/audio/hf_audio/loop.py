@@ -112,14 +112,14 @@ class FineTuningRecipe(Recipe):
 
 def train(model, collator: Collator, train_clips: list[Clip], val_clips: list[Clip], labels: list[str],
           args: FineTuningArguments, runtime: Runtime, checkpoint_dir: Path, fingerprint: str) -> tuple[TrainState, Plan]:
-    """Fine-tune `model` in place; on return it holds the weights of the best validation loss."""
+    """Fine-tune `model` in place; on return it holds the weights `args.keep` names (fit.Plan)."""
     recipe = FineTuningRecipe(model, collator, train_clips, val_clips, labels, args, runtime)
     accumulation = args.gradient_accumulation_steps
     batches_per_epoch = math.ceil(len(train_clips) / recipe.batch_size)
     run = plan(epochs=args.epochs, epochs_given="epochs" in args.given,
                steps_per_epoch=math.ceil(batches_per_epoch / accumulation), batch_size=recipe.batch_size,
                patience=args.patience, min_delta=args.min_delta, min_steps=args.min_steps,
-               max_grad_norm=args.max_grad_norm, accumulation=accumulation)
+               max_grad_norm=args.max_grad_norm, accumulation=accumulation, keep=args.keep)
     log(f"{batches_per_epoch} batches of {recipe.batch_size} per epoch, an optimizer step every {accumulation}: "
         f"{run.steps_per_epoch} steps per epoch, {run.total_steps} at most")
     model.to(runtime.device)

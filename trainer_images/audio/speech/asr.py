@@ -175,6 +175,7 @@ def run(paths: Paths) -> dict:
         "val_size": len(splits.validation),
         "train_seconds": round(sum(u.seconds for u in splits.train), 1),
         "best_epoch": state.best_epoch,
+        "kept_epoch": state.kept_epoch,
         "epochs_run": state.epoch,
         "stop_reason": state.stop_reason,
         "empty_transcriptions": result["empty"],

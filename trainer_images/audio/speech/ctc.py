@@ -224,7 +224,7 @@ class CTCRecipe(Recipe):
 
 def train(model, batcher: Batcher, splits: Splits, args: ASRArguments, runtime: Runtime, checkpoint_dir: Path,
           fingerprint: str, freeze: bool) -> tuple[TrainState, Plan]:
-    """Train `model` in place; on return it holds the weights of the best validation score."""
+    """Train `model` in place; on return it holds the weights `args.keep` names (fit.Plan)."""
     if freeze and hasattr(model, "freeze_feature_encoder"):
         # The convolutional front end of a pretrained model already extracts good features; with
         # little data, training it only adds noise (the wav2vec2 paper freezes it when fine-tuning).
@@ -233,7 +233,7 @@ def train(model, batcher: Batcher, splits: Splits, args: ASRArguments, runtime: 
     run = plan(epochs=args.epochs, epochs_given="epochs" in args.given,
                steps_per_epoch=math.ceil(math.ceil(len(splits.train) / args.batch_size) / accumulation),
                batch_size=args.batch_size, patience=args.patience, min_delta=args.min_delta,
-               min_steps=args.min_steps, max_grad_norm=args.max_grad_norm, accumulation=accumulation)
+               min_steps=args.min_steps, max_grad_norm=args.max_grad_norm, accumulation=accumulation, keep=args.keep)
     recipe = CTCRecipe(model, batcher, splits, args, runtime, clean_epochs=int(args.clean_fraction * run.epochs))
     model.to(runtime.device)
     optimizer = adamw(model, args.learning_rate, args.weight_decay)

@@ -112,6 +112,8 @@ class FitArguments:
     patience: int = field(default=8, metadata={"help": "epochs without validation improvement before stopping"})
     min_delta: float = 1e-4
     min_steps: int = field(default=400, metadata={"help": "optimizer steps before early stopping may end the run"})
+    keep: str = field(default="best", metadata={
+        "help": "best: the best validation epoch's weights, with early stopping | last: every epoch, then the final weights"})
     mixed_precision: str = field(default="auto", metadata={"help": "auto | bf16 | fp16 | no (GPU only)"})
 
     # Splits, used when the CSV has no `split` column (or leaves rows unassigned)
@@ -134,6 +136,7 @@ class FitArguments:
             (self.learning_rate > 0, "learning_rate must be positive"),
             (self.max_grad_norm > 0, "max_grad_norm must be positive"),
             (self.patience >= 1, "patience must be at least 1"),
+            (self.keep in ("best", "last"), "keep must be best or last"),
             (self.min_steps >= 0, "min_steps must be 0 or more"),
             (0 < self.validation_fraction < 0.5, "validation_fraction must be between 0 and 0.5"),
             (0 <= self.test_fraction < 0.5, "test_fraction must be between 0 and 0.5"),

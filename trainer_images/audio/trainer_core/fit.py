@@ -5,8 +5,9 @@ A trainer says what is particular to it in a `Recipe` (its batches, the loss of 
 validation figures and which of them choose the best epoch); the driver does the rest, the same
 for all: AdamW steps with gradient accumulation, clipping and mixed precision, the learning-rate
 schedule, the untrained model's validation figures (the baseline training must beat), early
-stopping that never ends a run before `min_steps` optimizer steps, the best weights kept, a
-checkpoint after every epoch so that a rerun of a killed job resumes, and progress.
+stopping that never ends a run before `min_steps` optimizer steps, the best weights kept (or,
+with `keep="last"`, the whole schedule run and its final weights kept), a checkpoint after every
+epoch so that a rerun of a killed job resumes, and progress.
 
 Checkpoints hold only tensors and plain containers and are read back with
 `torch.load(weights_only=True)`: no pickled code is ever executed. One is resumed only when its
@@ -81,6 +82,11 @@ class Plan:
     accumulation: int = 1
     requested_epochs: int = 0
     notes: list[str] = field(default_factory=list)
+    # "best": the best validation epoch's weights, early stopping on. "last": every epoch of the
+    # schedule, then its final weights: for a validation split that saturates (a keyword set's
+    # validation clips come from the training speakers, so its best epoch is noise; the end of a
+    # cosine schedule generalises better to speakers never heard: bench/README.md, KWS out of domain).
+    keep: str = "best"
 
     @property
     def total_steps(self) -> int:
@@ -88,7 +94,7 @@ class Plan:
 
 
 def plan(*, epochs: int, epochs_given: bool, steps_per_epoch: int, batch_size: int, patience: int, min_delta: float,
-         min_steps: int, max_grad_norm: float, accumulation: int = 1) -> Plan:
+         min_steps: int, max_grad_norm: float, accumulation: int = 1, keep: str = "best") -> Plan:
     """The run's length. A small data set makes few optimizer steps per epoch, and a model stopped
     after a few dozen steps has learned nothing (seen: 60 clips, early stopping at epoch 9, test
     accuracy at chance). So early stopping waits for `min_steps` steps, and the default number of
@@ -106,7 +112,7 @@ def plan(*, epochs: int, epochs_given: bool, steps_per_epoch: int, batch_size: i
             notes.append(f"{steps_per_epoch} optimizer steps per epoch: the run was lengthened from {epochs} to "
                          f"{needed} epochs to make min_steps={min_steps} steps")
     return Plan(run_epochs, steps_per_epoch, batch_size, patience, min_delta, min_steps, max_grad_norm, accumulation,
-                requested_epochs=epochs, notes=notes)
+                requested_epochs=epochs, notes=notes, keep=keep)
 
 
 def linear_schedule(peak: float, warmup_fraction: float, total: int) -> Callable[[int], float]:
@@ -148,6 +154,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     best: list[float] | None = None  # the score of the best epoch (Recipe.score)
     best_epoch: int = 0
+    kept_epoch: int = 0  # the epoch whose weights the model holds when fit() returns (Plan.keep)
     bad_epochs: int = 0
     finished: bool = False
     stop_reason: str = ""
@@ -227,7 +234,8 @@ def cpu_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def fit(model: nn.Module, recipe: Recipe, optimizer: torch.optim.Optimizer, lr_at: Callable[[int], float],
         plan: Plan, runtime: Runtime, checkpoint: Checkpoint, seed: int) -> TrainState:
-    """Train `model` in place; on return it holds the weights of the best validation score."""
+    """Train `model` in place; on return it holds the weights `plan.keep` names: the best validation
+    epoch's, or the final ones."""
     model.to(runtime.device)
     params = [p for p in model.parameters() if p.requires_grad]
     # fp16 needs loss scaling against underflow; bf16 has float32's range and does not.
@@ -293,7 +301,7 @@ def fit(model: nn.Module, recipe: Recipe, optimizer: torch.optim.Optimizer, lr_a
             best_weights = cpu_state(model)
         else:
             state.bad_epochs += 1
-        if state.bad_epochs >= plan.patience and state.step >= plan.min_steps:
+        if plan.keep == "best" and state.bad_epochs >= plan.patience and state.step >= plan.min_steps:
             state.finished = True
             state.stop_reason = f"early stop: no validation improvement for {state.bad_epochs} epochs"
         elif epoch >= plan.epochs:
@@ -312,9 +320,26 @@ def fit(model: nn.Module, recipe: Recipe, optimizer: torch.optim.Optimizer, lr_a
 
     if state.stop_reason:
         log(f"{state.stop_reason}; best epoch {state.best_epoch} ({_figures(state.best_record(), keys=('val_',))})")
-    model.load_state_dict(best_weights)
+    if plan.keep == "last":
+        state.kept_epoch = state.epoch
+        log(f"keeping the final weights (keep=last), of epoch {state.epoch}")
+    else:
+        state.kept_epoch = state.best_epoch
+        model.load_state_dict(best_weights)
     model.eval()
     return state
+
+
+def epochs_sentence(metrics: dict) -> str:
+    """The model card's line on how long the run trained and whose weights the model holds."""
+    run = f"{metrics['epochs_run']} epochs run ({metrics.get('stop_reason', '')})"
+    best = metrics["best_epoch"]
+    kept = metrics.get("kept_epoch") or best
+    if kept != best:
+        return f"{run}; the model holds the final weights, of epoch {kept} (keep=last; the best validation epoch was {best})."
+    if kept == metrics["epochs_run"]:
+        return f"{run}; the model holds the weights of epoch {kept}, the final and the best validation epoch."
+    return f"{run}; the model holds the weights of the best validation epoch, {best}."
 
 
 def _figures(figures: dict, keys: tuple[str, ...] = ("",)) -> str:
