@@ -96,7 +96,7 @@ def to_mp3(data: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\\n\\n")[0])
-    ap.add_argument("--clips-per-voice", type=int, default=2, help="takes of each word by each training voice (60 voices x 8 words x 2 = 960 clips)")
+    ap.add_argument("--clips-per-voice", type=int, default=2, help="takes of each word by each training voice (74 voices x 8 words x 2 = 1184 clips)")
     ap.add_argument("--seed-python", default=sys.executable, help="an interpreter with librosa, for the seed's way")
     ap.add_argument("--format", choices=("wav", "mp3"), default="wav", help="the clips as 16 kHz wav, or as 44.1 kHz mp3")
     args = ap.parse_args()

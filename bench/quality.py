@@ -77,7 +77,7 @@ def keyword_data(out: Path, words: list[str], repeats: int, heldout_repeats: int
 
 
 def digit_data(out: Path, per_voice: int, val_per_voice: int, test_per_voice: int, seed: int) -> Path:
-    """Train: espeak-ng's TRAIN_VOICES and EXTRA_TRAIN_VOICES (24 speakers in 3 accents); validation:
+    """Train: espeak-ng's TRAIN_VOICES and EXTRA_TRAIN_VOICES (74 speakers in 3 accents); validation:
     TRAIN_VOICES; test: the held-out accents, never heard in training."""
     from demo.spoken_digits import HELDOUT_VOICES, TRAIN_VOICES, make_digit_dataset
     from demo.spoken_words import EXTRA_TRAIN_VOICES
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", type=int, default=1, help="multiplies the takes per voice (data size)")
     ap.add_argument("--words", default=",".join(sw.DEFAULT_WORDS), help="keywords, comma separated")
     ap.add_argument("--repeats", type=int, default=2, help="training takes of each word per training voice")
-    ap.add_argument("--digits-per-voice", type=int, default=16, help="training digit strings per training voice")
+    ap.add_argument("--digits-per-voice", type=int, default=6, help="training digit strings per training voice (74 voices)")
     ap.add_argument("--ood-repeats", type=int, default=2, help="kws-ood: training takes per word and training voice")
     ap.add_argument("--ood-test-repeats", type=int, default=6, help="kws-ood: takes per word and flite voice")
     ap.add_argument("--cnn-epochs", type=int, default=20)
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append([name, "", "not run: trainer_images/audio/speech/asr.py is not there yet", "", "", "", "", 0])
         else:
             t = time.monotonic()
-            digits = digit_data(work / "digits", args.digits_per_voice * s, 3 * s, 4 * s, args.seed)
+            digits = digit_data(work / "digits", args.digits_per_voice * s, 3 * s, 8 * s, args.seed)
             print(f"digits: {split_sizes(digits)} utterances in {time.monotonic() - t:.0f}s", flush=True)
             hps = {"seed": str(args.seed)}  # the default recipe for a fresh model
             if args.asr_epochs:

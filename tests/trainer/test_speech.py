@@ -366,3 +366,22 @@ def test_a_learning_curve_for_speech_recognition_fits_word_accuracy(digits, tmp_
     assert lc["points"][0]["train_size"] < metrics["train_size"] and lc["eval_size"] == metrics["test_size"]
     assert "How much more data would help" in (ws.model / "README.md").read_text()
     assert (ws.model / "learning_curve.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_evaluation_decodes_a_doubled_letter_as_the_asr_pipeline_does(tmp_path):
+    """Greedy CTC: "three" is t h r e <blank> e. The trainer's WER must be of the text the user's
+    pipeline returns; dropping the blank before merging repeats made it "thre"."""
+    out = in_trainer_env(f"""
+        from pathlib import Path
+        from transformers import Wav2Vec2CTCTokenizer
+        from speech.ctc import greedy_text
+        from speech.vocab import BOS, DELIMITER, EOS, PAD, UNK, characters, fresh_vocab, write_vocab
+        vocab = fresh_vocab(characters(["three two"]))
+        tok = Wav2Vec2CTCTokenizer(str(write_vocab(vocab, Path({str(tmp_path)!r}))), unk_token=UNK, pad_token=PAD,
+                                   bos_token=BOS, eos_token=EOS, word_delimiter_token=DELIMITER)
+        v, blank = tok.get_vocab(), tok.pad_token_id
+        path = [v["t"], v["t"], v["h"], v["r"], v["e"], blank, v["e"], v["e"], v["|"], v["t"], blank, v["w"], v["o"], blank]
+        print(greedy_text(tok, [path])[0], "/", tok.decode(path, skip_special_tokens=False).strip())
+    """)
+    ours, pipelines = (part.strip() for part in out.strip().split("/"))
+    assert ours == pipelines == "three two"
