@@ -34,7 +34,7 @@ APPLICATION_NAME = "retrain-job-cache"  # the listening connection, as pg_stat_a
 
 
 class JobRowCache:
-    def __init__(self, size: int = 10_000, probe_s: float = 5.0):
+    def __init__(self, size: int = 2_000, probe_s: float = 5.0):
         self.size, self.probe_s = size, probe_s
         self.rows: dict[str, tuple[str, Row]] = {}  # job id -> (tenant, row)
         self.live = False  # True only while LISTEN is known to be in place
@@ -70,7 +70,10 @@ class JobRowCache:
         """Listen for changes (PostgreSQL only; on SQLite the cache stays off)."""
         url = make_url(database_url)
         if url.get_backend_name() == "postgresql":
-            conninfo = url.set(drivername="postgresql").render_as_string(hide_password=False)
+            from psycopg.conninfo import make_conninfo
+
+            # libpq's own key=value form: the URL's query options (sslmode, options, ...) as they are.
+            conninfo = make_conninfo(**url.translate_connect_args(username="user", database="dbname"), **url.query)
             self.task = asyncio.create_task(self._listen(conninfo), name="job-row-notifications")
 
     async def stop(self) -> None:

@@ -107,6 +107,8 @@ class Hyperparameters(BaseModel):
     learning_rate: float | None = Field(None, gt=0, le=10)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     patience: int | None = Field(None, ge=1, le=10_000, description="epochs without validation improvement before stopping")
+    keep: Literal["best", "last"] | None = Field(None, description="whose weights the model ships: the best validation "
+                                                 "epoch's (early stopping on) or the final ones (the whole schedule)")
 
     @model_validator(mode="before")
     @classmethod

@@ -84,7 +84,8 @@ def test_a_lost_listening_connection_turns_the_cache_off_and_a_change_meanwhile_
         with db.engine.begin() as connection:
             connection.execute(update(Job).where(Job.id == job_id).values(state="cancelled"))
             return connection.execute(text(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :name"),
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE application_name = :name AND datname = current_database()"),  # not another API's
                 {"name": APPLICATION_NAME}).scalar()
 
     async def scenario():

@@ -2,8 +2,28 @@
 
 from __future__ import annotations
 
-from tests.trainer.test_audio_trainer import HPS, Workspace, progress_lines
+import subprocess
+
+from tests.trainer.test_audio_trainer import HPS, TRAINER_PYTHON, Workspace, progress_lines
 from tests.trainer.test_contract import _tiny_data
+
+SAME_WEIGHTS = """
+import sys, torch
+from safetensors.torch import load_file
+checkpoint = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+weights = checkpoint[sys.argv[3]] or checkpoint["model"]  # best_model is empty when the last epoch was the best
+shipped = load_file(sys.argv[2])
+print(all(torch.equal(shipped[k], weights[k]) for k in shipped))
+"""
+
+
+def ships(ws: Workspace, which: str) -> bool:
+    """Whether the model's weights are the last checkpoint's `which`: "model" (the final epoch's
+    weights) or "best_model" (the best validation epoch's)."""
+    checkpoint = next((ws.root / "checkpoints").glob("*.pt"))
+    out = subprocess.run([str(TRAINER_PYTHON), "-c", SAME_WEIGHTS, str(checkpoint), str(ws.model / "model.safetensors"),
+                          which], capture_output=True, text=True, check=True, timeout=120).stdout
+    return out.strip() == "True"
 
 
 def test_a_small_data_set_trains_for_min_steps_before_early_stopping_may_end_it(tmp_path):
@@ -40,6 +60,9 @@ def test_keep_last_runs_every_epoch_and_ships_the_final_weights(tmp_path):
     assert [p["epoch"] for p in progress_lines(result.stdout)] == list(range(1, 9))
     metrics = ws.metrics()
     assert metrics["kept_epoch"] == metrics["epochs_run"] == 8 and 1 <= metrics["best_epoch"] <= 8
+    assert ships(ws, "model")
+    if metrics["best_epoch"] != 8:
+        assert not ships(ws, "best_model")
     card = (ws.model / "model_card.md").read_text()
     assert "the model holds the final weights, of epoch 8" in card or "weights of epoch 8, the final" in card
 
@@ -49,7 +72,7 @@ def test_keep_best_ships_the_best_validation_epoch(tmp_path):
     result = ws.run()
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = ws.metrics()
-    assert metrics["kept_epoch"] == metrics["best_epoch"]
+    assert metrics["kept_epoch"] == metrics["best_epoch"] and ships(ws, "best_model")
     val_loss = {p["epoch"]: p["metrics"]["val_loss"] for p in progress_lines(result.stdout)}
     assert val_loss[metrics["best_epoch"]] <= min(val_loss.values()) + 1e-4  # min_delta
     assert "best validation epoch" in (ws.model / "model_card.md").read_text()

@@ -92,3 +92,14 @@ def test_a_file_over_the_limit_is_refused_as_it_arrives():
 def test_the_schema_lists_the_form():
     schema = intake.openapi_request_body()["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert set(schema["properties"]) == {"spec", *intake.FILE_FIELDS} and schema["required"] == ["spec", "dataset"]
+
+
+def test_keep_is_checked_at_the_door():
+    """`keep` (which weights a trainer ships) is one of two words; anything else is refused naming it."""
+    from api.submissions import parse_spec
+
+    spec = parse_spec('{"task": "audio_classification", "model_name": "kws", "hyperparameters": {"keep": "last"}}')
+    assert spec.hyperparameters.for_trainer() == {"keep": "last"}
+    with pytest.raises(InputError) as refused:
+        parse_spec('{"task": "audio_classification", "model_name": "kws", "hyperparameters": {"keep": "average"}}')
+    assert refused.value.field == "spec.hyperparameters.keep", refused.value

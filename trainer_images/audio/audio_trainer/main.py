@@ -6,9 +6,10 @@
    (a clip the feature cache of the model's earlier jobs holds is not decoded again).
 4. Split: honour the `split` column / validation channel, otherwise stratify with a fixed seed.
 5. Build the model (from the base config when continuing) and copy the base weights in.
-6. Train with augmentation, early stopping on validation (never before min_steps optimizer steps),
-   a checkpoint every epoch (trainer_core/fit.py).
-7. Evaluate the best weights on the test split (validation if none) and plot.
+6. Train with augmentation through the whole schedule (or, with keep=best, early stopping on
+   validation, never before min_steps optimizer steps), a checkpoint every epoch (trainer_core/fit.py).
+7. Evaluate the weights kept (the final ones; keep=best: the best validation epoch's) on the test
+   split (validation if none) and plot.
    With `learning_curve=true`, train the same recipe on stratified 25% and 50% subsets of the
    training split, fit a saturating curve and extrapolate to more data (learning_curve.py).
 8. Export model.onnx (verified against torch), weights, config, labels and the model card.

@@ -9,7 +9,8 @@
 5. Load the base with a classification head sized to the job's labels; freeze the feature encoder.
 6. Fine-tune on length-bucketed batches with early stopping on validation loss and a checkpoint
    every epoch.
-7. Evaluate the best weights on the test split (validation if none) and plot.
+7. Evaluate the weights kept (the best validation epoch's unless keep=last) on the test split
+   (validation if none) and plot.
 8. Save a standard transformers directory (safetensors, feature extractor, labels, card, plots)
    and prove it: transformers.pipeline loads it and agrees with the trained model.
 

@@ -107,7 +107,7 @@ def run(paths: Paths) -> dict:
         splits.notes += run_plan.notes
         train_seconds = time.monotonic() - started
 
-        # 7. Evaluation of the best weights on held-out data.
+        # 7. Evaluation of the weights kept (the best validation epoch's unless keep=last) on held-out data.
         eval_utts = splits.test if splits.eval_split == "test" else splits.validation
         result = evaluate(model, batcher, eval_utts, args.eval_batch_size, runtime)
         log(f"{splits.eval_split} ({len(eval_utts)} clips): WER {result['wer']:.4f}, CER {result['cer']:.4f}, "

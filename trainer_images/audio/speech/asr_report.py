@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from trainer_core.errors import TrainerError
+from trainer_core.fit import epochs_sentence
 from trainer_core.learning_curve import card_section
 
 from . import SAMPLE_RATE
@@ -63,8 +64,7 @@ def write_card(model_dir: Path, job: dict, metrics: dict, args: ASRArguments, li
         f"test {metrics['test_size']}.", "",
         *[f"- {n}" for n in notes], "",
         "## Training", "",
-        f"best epoch {metrics['best_epoch']} of {metrics['epochs_run']} run ({metrics['stop_reason']}); "
-        f"{metrics['training_seconds']:.0f} s.", "",
+        f"{epochs_sentence(metrics)} {metrics['training_seconds']:.0f} s of training.", "",
         f"Vocabulary ({len(vocab)} tokens): `{' '.join(vocab)}`", "",
         "Hyperparameters:", "", "```json", json.dumps(asdict(args), indent=1), "```", "",
         *card_section(metrics.get("learning_curve")),

@@ -122,7 +122,8 @@ def evaluate(model, batcher: Batcher, utts: list[Clip], batch_size: int, runtime
     import torch
 
     model.eval()
-    refs, hyps, order = [], [], []
+    refs, hyps, silent, order = [], [], [], []
+    special = set(batcher.tokenizer.all_special_ids)
     loss_sum, loss_n = 0.0, 0
     with torch.no_grad():
         for batch in [[utts[i] for i in idx] for idx in sorted_batches([len(u.audio) for u in utts], batch_size)]:
@@ -137,17 +138,20 @@ def evaluate(model, batcher: Batcher, utts: list[Clip], batch_size: int, runtime
             # trained, and decoded they add letters (seen: "one nine" -> "one nineine").
             lengths = output_lengths(model, inputs, ids.shape[1])
             ids = [row[:n].tolist() for row, n in zip(ids, lengths)]
-            hyps += greedy_text(batcher.tokenizer, ids)
+            texts = greedy_text(batcher.tokenizer, ids)
+            hyps += texts
+            # Nothing but blanks and special tokens (<s>, <unk>, ...) is nothing said.
+            silent += [not text or all(i in special for i in row) for row, text in zip(ids, texts)]
             refs += [batcher.text(u) for u in batch]
             order += batch
     model.train()
-    scored = [(r, h) for r, h in zip(refs, hyps) if r]  # jiwer needs non-empty references
+    scored = [(r, h, s) for r, h, s in zip(refs, hyps, silent) if r]  # jiwer needs non-empty references
     r, h = [s[0] for s in scored], [s[1] for s in scored]
     return {
         "loss": loss_sum / loss_n if loss_n else float("nan"),
         "wer": float(jiwer.wer(r, h)) if r else float("nan"),
         "cer": float(jiwer.cer(r, h)) if r else float("nan"),
-        "empty": sum(not hyp for hyp in h) / len(h) if h else float("nan"),
+        "empty": sum(s[2] for s in scored) / len(scored) if scored else float("nan"),
         "pairs": [(u, ref, hyp) for u, ref, hyp in zip(order, refs, hyps)],
     }
 
