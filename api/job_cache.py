@@ -57,7 +57,7 @@ class JobRowCache:
         return row
 
     def forget(self, job_id: str) -> None:
-        """A notification: the row changed."""
+        """The row changed: a notification, or this replica's own write (a cancel)."""
         self.generation += 1
         self.rows.pop(job_id, None)
 

@@ -19,8 +19,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def db(settings, tmp_path_factory):
-    if not settings.database_url.startswith("postgresql"):
-        pytest.skip("the job cache listens on PostgreSQL only")
+    assert settings.database_url.startswith("postgresql"), "the session stack runs PostgreSQL (tests/conftest.py)"
     database = Database(isolated(settings, tmp_path_factory, "jobcache").database_url)
     yield database
     database.engine.dispose()
