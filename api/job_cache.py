@@ -81,7 +81,6 @@ class JobRowCache:
             self.task.cancel()
             with suppress(asyncio.CancelledError):
                 await self.task
-        self.set_live(False)
 
     async def _listen(self, conninfo: str) -> None:
         import psycopg
@@ -104,13 +103,11 @@ class JobRowCache:
                         # A quiet spell: make sure the connection is still there (a half-open one
                         # would deliver nothing, and the cache would serve stale rows).
                         await asyncio.wait_for(connection.execute("SELECT 1"), self.probe_s)
-            except asyncio.CancelledError:
-                self.set_live(False)
-                raise
             except Exception as err:  # psycopg.Error, OSError, TimeoutError: the database is away
-                self.set_live(False)
                 if not down_logged:
                     log.warning("job row notifications lost (%s: %s): every job read goes to the database until "
                                 "they are back", type(err).__name__, err)
                     down_logged = True
+            finally:  # lost, or cancelled by stop()
+                self.set_live(False)
             await asyncio.sleep(RETRY_S)

@@ -333,8 +333,7 @@ def fit(model: nn.Module, recipe: Recipe, optimizer: torch.optim.Optimizer, lr_a
 def epochs_sentence(metrics: dict) -> str:
     """The model card's line on how long the run trained and whose weights the model holds."""
     run = f"{metrics['epochs_run']} epochs run ({metrics.get('stop_reason', '')})"
-    best = metrics["best_epoch"]
-    kept = metrics.get("kept_epoch") or best
+    best, kept = metrics["best_epoch"], metrics["kept_epoch"]
     if kept != best:
         return f"{run}; the model holds the final weights, of epoch {kept} (keep=last; the best validation epoch was {best})."
     if kept == metrics["epochs_run"]:
